@@ -1,0 +1,3 @@
+from agent_core.cli import main
+
+main()

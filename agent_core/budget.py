@@ -1,0 +1,107 @@
+"""A client-side request budget under the server's rate limit (protocol.md §1).
+
+The server allows N agent requests per sliding 60 s window per key and then
+answers 429 with `Retry-After: 60` - heartbeats included, and 60 s without a
+heartbeat costs the node its tasks. So every request takes a slot here first:
+heartbeats may use the whole budget, everything else must leave `reserve`
+slots free, and when slots are short the waiting calls go in priority order.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Lower goes first. Polls slow down first, heartbeats never wait for work.
+PRIORITY = {"heartbeat": 0, "complete": 1, "upload": 2, "accept": 3, "download": 4, "poll": 5, "register": 5}
+
+
+class Aborted(Exception):
+    """The caller's abort event was set while waiting for a slot."""
+
+
+class RequestBudget:
+    def __init__(self, per_minute: int, reserve: int, *, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.limit = per_minute
+        self.reserve = reserve if per_minute else 0
+        self.window = window
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._sent: collections.deque[float] = collections.deque()
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket) of callers waiting
+        self._tickets = 0
+        self._paused_until = 0.0  # after a 429: only heartbeats until then
+        self.throttled = 0  # 429s seen
+
+    def _cap(self, kind: str) -> int:
+        return self.limit if kind == "heartbeat" else self.limit - self.reserve
+
+    def _expire(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - self.window:
+            self._sent.popleft()
+
+    def _delay(self, kind: str, ticket: tuple[int, int], now: float) -> float:
+        """0 when this caller may send now, else how long until that could change."""
+        if kind != "heartbeat" and now < self._paused_until:
+            return self._paused_until - now
+        if min(self._waiting) != ticket:
+            return self.window  # someone ahead of us; we are woken when it goes
+        if len(self._sent) < self._cap(kind):
+            return 0.0
+        return self._sent[0] + self.window - now
+
+    def acquire(self, kind: str, abort: threading.Event | None = None) -> None:
+        """Block until `kind` may send one request; raises Aborted if `abort` is set meanwhile."""
+        if not self.limit:
+            return
+        with self._cond:
+            self._tickets += 1
+            ticket = (PRIORITY[kind], self._tickets)
+            self._waiting.append(ticket)
+            try:
+                while True:
+                    if abort is not None and abort.is_set():
+                        raise Aborted()
+                    now = self._clock()
+                    self._expire(now)
+                    delay = self._delay(kind, ticket, now)
+                    if delay <= 0:
+                        self._sent.append(now)
+                        return
+                    # abort is checked a few times a second; a leaving caller notifies
+                    self._cond.wait(min(delay, 0.25))
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def throttle(self, retry_after: float | None) -> None:
+        """The server said 429 anyway: hold everything but heartbeats for Retry-After."""
+        pause = retry_after if retry_after is not None else self.window
+        with self._cond:
+            now = self._clock()
+            first = now >= self._paused_until
+            self._paused_until = max(self._paused_until, now + pause)
+            self.throttled += 1
+            self._cond.notify_all()
+        if first:
+            log.warning("server rate limit hit (429): holding requests for %.0f s, heartbeats go on", pause)
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            now = self._clock()
+            self._expire(now)
+            return {
+                "limit_per_minute": self.limit,
+                "heartbeat_reserve": self.reserve,
+                "sent_last_window": len(self._sent),
+                "available": max(0, self.limit - self.reserve - len(self._sent)) if self.limit else None,
+                "waiting": len(self._waiting),
+                "paused_for_secs": round(max(0.0, self._paused_until - now), 1),
+                "throttled": self.throttled,
+            }

@@ -1,0 +1,433 @@
+"""The config file: typed, validated, and edited without losing the user's comments.
+
+`load(path)` turns `config.toml` into a frozen `Config` or raises one `ConfigError`
+naming the offending key. `update(path, changes)` edits values in place with
+tomlkit (comments, key order and unknown keys survive), atomically and 0600,
+because the file holds the api_key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from agent_core.errors import ConfigError
+from agent_core.fsutil import write_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_NAME = "config.toml"
+EXECUTOR_TYPES = ("standard", "bash", "python", "custom")
+KEEP_WORKSPACES = ("none", "failed", "all")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+MAX_HEARTBEAT_INTERVAL = 20.0  # the server marks us offline after 60 s of silence
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 1073741824, "512m", "4g", "4GiB" or "10kb" (units are powers of 1024, as Docker reads them)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 4g or 512m")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size such as 4g or 512m")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def normalise_base_url(url: str) -> str:
+    """http(s) URL without trailing slash; a bare host gets https://."""
+    url = url.strip()
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme must be http or https (got {parts.scheme!r})")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Mount:
+    host: Path
+    container: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    base_url: str | None = None
+    poll_interval_secs: float = 5.0
+    use_system_proxy: bool = False
+    rate_limit_per_minute: int = 150
+    heartbeat_reserve: int = 10
+    connect_timeout_secs: float = 10.0
+    read_timeout_secs: float = 60.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    service_id: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    name: str | None = None
+    heartbeat_interval_secs: float = 15.0
+    shutdown_grace_secs: float = 300.0
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.service_id and self.api_key)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    executor_type: str = "standard"
+    image: str = "open-aaas-executor:latest"
+    capacity: int = 2
+    timeout_minutes: float = 0
+    memory_limit: str | None = None
+    working_dir: str = "/workspace"
+    script_path: str | None = None
+    custom_entrypoint: str | None = None
+    custom_args: tuple[str, ...] = ()
+    network_mode: str = "bridge"
+    user: str | None = None
+    pids_limit: int = 1024
+    cpus: float = 0.0
+    read_only: bool = False
+    cap_drop: tuple[str, ...] = ("ALL",)
+    cap_add: tuple[str, ...] = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID")
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory_limit) if self.memory_limit else None
+
+    @property
+    def timeout_secs(self) -> int:
+        return int(self.timeout_minutes * 60)
+
+    @property
+    def effective_script_path(self) -> str:
+        """bash and python run `<working_dir>/run.sh` / `run.py` unless script_path says otherwise."""
+        if self.script_path:
+            return self.script_path
+        name = "run.sh" if self.executor_type == "bash" else "run.py"
+        return str(PurePosixPath(self.working_dir) / name)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_input_bytes: int = 10 * 1024**3
+    max_output_files: int = 1000
+    max_output_file_bytes: int = 50 * 1024**2
+    max_output_bytes: int = 1024**3
+    log_max_bytes: int = 10 * 1024**2
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_dir: Path = Path("data")
+    mounts: tuple[Mount, ...] = ()
+    keep_workspaces: str = "none"
+    min_free_disk_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig = ServerConfig()
+    agent: AgentConfig = AgentConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    limits: LimitsConfig = LimitsConfig()
+    paths: PathsConfig = PathsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    unknown_keys: tuple[str, ...] = ()
+
+    def require_server(self) -> str:
+        if not self.server.base_url:
+            raise ConfigError(f"{self.path}: server.base_url: not set")
+        return self.server.base_url
+
+    def require_registration(self) -> tuple[str, str]:
+        if not self.agent.registered:
+            raise ConfigError(f"{self.path}: not registered yet (run `agent-core register --token ...`)")
+        return self.agent.service_id, self.agent.api_key  # type: ignore[return-value]
+
+
+# --- reading --------------------------------------------------------------
+
+
+class _Section:
+    """Typed reads from one table, each error naming `section.key`; remembers which keys it used."""
+
+    def __init__(self, path: Path, name: str, raw: Any):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.path, self.name, self.raw, self.used = path, name, raw, set()
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.name}.{key}: {why}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        value = self.raw.get(key, default)
+        return default if value == "" and default is None else value
+
+    def string(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string (got {value!r})")
+        if choices and value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false (got {value!r})")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float, exclusive: bool = False,
+               maximum: float | None = None, integer: bool = False) -> Any:
+        value = self._get(key, default)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise self.fail(key, f"must be {'an integer' if integer else 'a number'} (got {value!r})")
+        if value < minimum or (exclusive and value == minimum):
+            raise self.fail(key, f"must be {'>' if exclusive else '≥'} {minimum:g} (got {value!r})")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be ≤ {maximum:g} (got {value!r})")
+        return value
+
+    def size(self, key: str, default: Any) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        try:
+            parse_size(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, default)
+        if isinstance(value, str):
+            raise self.fail(key, "must be a list of strings, e.g. [\"--flag\", \"value\"]")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"must be a list of strings (got {value!r})")
+        return tuple(value)
+
+    def unknown(self) -> list[str]:
+        return [f"{self.name}.{k}" for k in self.raw if k not in self.used]
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
+
+
+def _check(section: _Section, key: str, value: Any, test: Callable[[Any], Any]) -> Any:
+    try:
+        return test(value)
+    except ValueError as e:
+        raise section.fail(key, str(e)) from None
+
+
+def _read_mounts(path: Path, base: Path, raw: Any) -> tuple[Mount, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: paths.mounts: must be an array of tables ([[paths.mounts]])")
+    mounts = []
+    for i, item in enumerate(raw):
+        s = _Section(path, f"paths.mounts[{i}]", item)
+        host = s.string("host", None)
+        container = s.string("container", None)
+        if not host:
+            raise s.fail("host", "is required")
+        if not container or not container.startswith("/"):
+            raise s.fail("container", f"must be an absolute path (got {container!r})")
+        if container.rstrip("/") in ("", "/workspace") or container.startswith("/workspace/"):
+            raise s.fail("container", "must not be / or inside /workspace, which holds the task")
+        mounts.append(Mount(_resolve(base, host), container, s.boolean("readonly", True)))
+        for key in s.unknown():
+            raise ConfigError(f"{path}: {key}: unknown mount key")
+    return tuple(mounts)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate a config document; `path` locates relative paths and names the file in errors."""
+    try:
+        doc = tomlkit.parse(text).unwrap()
+    except TOMLKitError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    base = path.parent
+    unknown: list[str] = []
+
+    s = _Section(path, "server", doc.get("server"))
+    base_url = s.string("base_url", None)
+    server = ServerConfig(
+        base_url=_check(s, "base_url", base_url, normalise_base_url) if base_url else None,
+        poll_interval_secs=s.number("poll_interval_secs", 5.0, minimum=0, exclusive=True),
+        use_system_proxy=s.boolean("use_system_proxy", False),
+        rate_limit_per_minute=s.number("rate_limit_per_minute", 150, minimum=0, integer=True),
+        heartbeat_reserve=s.number("heartbeat_reserve", 10, minimum=0, integer=True),
+        connect_timeout_secs=s.number("connect_timeout_secs", 10.0, minimum=0, exclusive=True),
+        read_timeout_secs=s.number("read_timeout_secs", 60.0, minimum=0, exclusive=True),
+    )
+    if server.rate_limit_per_minute and server.heartbeat_reserve >= server.rate_limit_per_minute:
+        raise s.fail("heartbeat_reserve", "must be smaller than rate_limit_per_minute")
+    unknown += s.unknown()
+
+    s = _Section(path, "agent", doc.get("agent"))
+    agent = AgentConfig(
+        service_id=s.string("service_id", None),
+        api_key=s.string("api_key", None),
+        name=s.string("name", None),
+        heartbeat_interval_secs=s.number("heartbeat_interval_secs", 15.0, minimum=0, exclusive=True,
+                                         maximum=MAX_HEARTBEAT_INTERVAL),
+        shutdown_grace_secs=s.number("shutdown_grace_secs", 300.0, minimum=0),
+    )
+    unknown += s.unknown()
+
+    s = _Section(path, "executor", doc.get("executor"))
+    executor = ExecutorConfig(
+        executor_type=s.string("executor_type", "standard", EXECUTOR_TYPES),
+        image=s.string("image", "open-aaas-executor:latest"),
+        capacity=s.number("capacity", 2, minimum=1, integer=True),
+        timeout_minutes=s.number("timeout_minutes", 0, minimum=0),
+        memory_limit=s.size("memory_limit", None),
+        working_dir=s.string("working_dir", "/workspace"),
+        script_path=s.string("script_path", None),
+        custom_entrypoint=s.string("custom_entrypoint", None),
+        custom_args=s.strings("custom_args", ()),
+        network_mode=s.string("network_mode", "bridge"),
+        user=s.string("user", None),
+        pids_limit=s.number("pids_limit", 1024, minimum=0, integer=True),
+        cpus=s.number("cpus", 0.0, minimum=0),
+        read_only=s.boolean("read_only", False),
+        cap_drop=s.strings("cap_drop", ExecutorConfig.cap_drop),
+        cap_add=s.strings("cap_add", ExecutorConfig.cap_add),
+    )
+    if not executor.image:
+        raise s.fail("image", "must not be empty")
+    if not executor.working_dir.startswith("/"):
+        raise s.fail("working_dir", f"must be an absolute path (got {executor.working_dir!r})")
+    if executor.executor_type == "custom" and not executor.custom_entrypoint:
+        raise s.fail("custom_entrypoint", "is required when executor_type = \"custom\"")
+    if executor.network_mode == "host":
+        log.warning("%s: executor.network_mode = \"host\" gives tasks the host's network", path)
+    unknown += s.unknown()
+
+    s = _Section(path, "limits", doc.get("limits"))
+    defaults = LimitsConfig()
+    limits = LimitsConfig(**{
+        key: parse_size(s.size(key, getattr(defaults, key))) if key != "max_output_files"
+        else s.number(key, defaults.max_output_files, minimum=1, integer=True)
+        for key in defaults.__dataclass_fields__
+    })
+    unknown += s.unknown()
+
+    s = _Section(path, "paths", doc.get("paths"))
+    s.used.add("mounts")
+    paths = PathsConfig(
+        data_dir=_resolve(base, s.string("data_dir", "./data") or "./data"),
+        mounts=_read_mounts(path, base, s.raw.get("mounts")),
+        keep_workspaces=s.string("keep_workspaces", "none", KEEP_WORKSPACES),
+        min_free_disk_mb=s.number("min_free_disk_mb", 1024, minimum=0, integer=True),
+    )
+    unknown += s.unknown()
+
+    s = _Section(path, "logging", doc.get("logging"))
+    logging_cfg = LoggingConfig(
+        level=s.string("level", "info", LOG_LEVELS),
+        format=s.string("format", "text", LOG_FORMATS),
+    )
+    unknown += s.unknown()
+
+    known_sections = {"server", "agent", "executor", "limits", "paths", "logging"}
+    unknown += [k for k in doc if k not in known_sections]
+    return Config(path=path, server=server, agent=agent, executor=executor, limits=limits,
+                  paths=paths, logging=logging_cfg, unknown_keys=tuple(unknown))
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path).expanduser().absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (create one with `agent-core init`)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    cfg = parse(text, path)
+    for key in cfg.unknown_keys:
+        log.warning("%s: unknown key %s (kept, but ignored)", path, key)
+    return cfg
+
+
+# --- writing --------------------------------------------------------------
+
+
+def default_text() -> str:
+    """The commented default config; the same text as config.toml.example."""
+    return resources.files("agent_core").joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def update(path: Path | str, changes: dict[str, Any]) -> None:
+    """Set `section.key` values in the file, keeping everything else as the user wrote it."""
+    path = Path(path)
+    try:
+        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    except (OSError, TOMLKitError) as e:
+        raise ConfigError(f"cannot update {path}: {e}") from None
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        if section not in doc:
+            doc[section] = tomlkit.table()
+        doc[section][key] = value
+    text = tomlkit.dumps(doc)
+    parse(text, path.absolute())  # never write a file we could not load back
+    write_atomic(path, text)
+
+
+def init(path: Path | str, *, force: bool = False, base_url: str | None = None) -> Path:
+    path = Path(path)
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists (it may hold credentials); use --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, default_text())
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e}") from None
+    if base_url:
+        try:
+            url = normalise_base_url(base_url)
+        except ValueError as e:
+            raise ConfigError(f"server.base_url: {e}") from None
+        update(path, {"server.base_url": url})
+    return path

@@ -1,0 +1,54 @@
+"""`agent-core run`: wire config, pidfile, Docker, client and scheduler together, and own the signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from agent_core import process
+from agent_core.client import Client
+from agent_core.config import Config
+from agent_core.errors import EXIT_FAILURE
+from agent_core.executor import DockerExecutor
+from agent_core.scheduler import ExitNow, Scheduler
+
+log = logging.getLogger(__name__)
+
+# each blocked `wait` holds one connection; the rest serve create/stop/logs calls
+DOCKER_POOL_MARGIN = 6
+
+
+def serve(cfg: Config, *, burst: bool = False) -> int:
+    cfg.require_registration()
+    data_dir = process.ensure_data_dir(cfg.paths.data_dir)
+    pidfile = process.PidFile(data_dir)
+    pidfile.acquire()
+    abort = threading.Event()
+    executor = client = None
+    try:
+        executor = DockerExecutor(pool_size=cfg.executor.capacity + DOCKER_POOL_MARGIN)
+        executor.ping()
+        client = Client.from_config(cfg, abort=abort)
+        scheduler = Scheduler(cfg, client, executor, burst=burst)
+
+        def on_signal(signum: int, _frame: object) -> None:
+            scheduler.request_stop()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return scheduler.run()
+        except ExitNow:
+            log.warning("exiting at once; running tasks are recovered at the next start")
+            return EXIT_FAILURE
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    finally:
+        abort.set()
+        if client is not None:
+            client.close()
+        if executor is not None:
+            executor.close()
+        (data_dir / process.STATUSFILE).unlink(missing_ok=True)
+        pidfile.release()

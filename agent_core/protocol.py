@@ -1,0 +1,169 @@
+"""Typed messages of the OpenAaaS agent protocol (../shared/protocol.md §2).
+
+Parsing is strict about types and lenient about extra fields: a reply that does
+not fit raises `ProtocolViolation`. Values from the server are not trusted here
+beyond their types; names and ids are checked again before they touch a path
+(workspace) or a container name (executor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent_core.errors import ProtocolViolation
+
+TASK_STATUSES = ("completed", "failed", "cancelled")
+
+
+def _field(obj: dict, key: str, kinds: type | tuple[type, ...], what: str, *, optional: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ProtocolViolation(f"{what}: {key} has the wrong type")
+    if not isinstance(value, kinds):
+        raise ProtocolViolation(f"{what}: {key} is missing or has the wrong type")
+    return value
+
+
+def _object(data: Any, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise ProtocolViolation(f"{what}: expected a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class InputFile:
+    id: str
+    filename: str
+    mime_type: str | None
+    size_bytes: int
+
+    @classmethod
+    def from_json(cls, data: Any) -> InputFile:
+        obj = _object(data, "input file")
+        size = obj.get("size_bytes", 0)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ProtocolViolation("input file: size_bytes is not an integer")
+        return cls(
+            id=_field(obj, "id", str, "input file"),
+            filename=_field(obj, "filename", str, "input file"),
+            mime_type=_field(obj, "mime_type", str, "input file", optional=True),
+            size_bytes=size,
+        )
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "filename": self.filename, "mime_type": self.mime_type,
+                "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    task_prompt: str
+    output_prompt: str | None = None
+    session_id: str | None = None
+    input_files: tuple[InputFile, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> Task:
+        obj = _object(data, "task")
+        files = obj.get("input_files") or []
+        if not isinstance(files, list):
+            raise ProtocolViolation("task: input_files is not a list")
+        return cls(
+            id=_field(obj, "id", str, "task"),
+            task_prompt=_field(obj, "task_prompt", str, "task", optional=True) or "",
+            output_prompt=_field(obj, "output_prompt", str, "task", optional=True),
+            session_id=_field(obj, "session_id", str, "task", optional=True),
+            input_files=tuple(InputFile.from_json(f) for f in files),
+        )
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "task_prompt": self.task_prompt, "output_prompt": self.output_prompt,
+                "session_id": self.session_id, "input_files": [f.to_json() for f in self.input_files]}
+
+
+@dataclass(frozen=True)
+class PollResult:
+    task: Task | None = None
+    cancel_task_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> PollResult:
+        obj = _object(data, "poll")
+        cancel_id = None
+        if obj.get("should_cancel"):
+            cancel_id = _field(obj, "cancel_task_id", str, "poll")
+        task = None
+        if obj.get("has_task") and obj.get("task") is not None:
+            task = Task.from_json(obj["task"])
+        return cls(task=task, cancel_task_id=cancel_id)
+
+
+@dataclass(frozen=True)
+class Registration:
+    service_id: str
+    api_key: str = field(repr=False)
+    name: str = ""
+
+    @classmethod
+    def from_json(cls, data: Any) -> Registration:
+        obj = _object(data, "register")
+        return cls(
+            service_id=_field(obj, "service_id", str, "register"),
+            api_key=_field(obj, "api_key", str, "register"),
+            name=_field(obj, "name", str, "register", optional=True) or "",
+        )
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    file_id: str
+    filename: str
+    size_bytes: int
+
+    @classmethod
+    def from_json(cls, data: Any) -> UploadedFile:
+        obj = _object(data, "upload")
+        return cls(
+            file_id=_field(obj, "file_id", str, "upload"),
+            filename=_field(obj, "filename", str, "upload", optional=True) or "",
+            size_bytes=_field(obj, "size_bytes", int, "upload", optional=True) or 0,
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What `complete` sends: the task's final word."""
+
+    task_id: str
+    status: str
+    output: dict | None = None
+    error_message: str | None = None
+    file_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in TASK_STATUSES:
+            raise ValueError(f"unknown completion status {self.status!r}")
+
+    def to_json(self) -> dict:
+        return {"task_id": self.task_id, "status": self.status, "output": self.output,
+                "error_message": self.error_message, "file_ids": list(self.file_ids)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Completion:
+        return cls(task_id=data["task_id"], status=data["status"], output=data.get("output"),
+                   error_message=data.get("error_message"), file_ids=tuple(data.get("file_ids") or ()))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    status: str
+    current_load: int
+    capacity: int
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "current_load": self.current_load, "capacity": self.capacity,
+                "available_capacity": max(0, self.capacity - self.current_load)}

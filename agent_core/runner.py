@@ -1,0 +1,357 @@
+"""One task from accept to `complete`, as explicit stages, each journaled before the next.
+
+    stage inputs -> launch container -> await exit -> collect and upload -> report -> clean up
+
+A runner can start at any stage (crash recovery replays the journal). A cancel,
+whether from the server, the task timeout or the shutdown ladder, arrives as
+`cancel(reason)` and ends the container with `stop`; the stages that follow still
+run, so even a cancelled task has its outputs uploaded and its end reported.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from agent_core import workspace as wsmod
+from agent_core.client import Client
+from agent_core.config import Config
+from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerRejected,
+                               ServerUnavailable, TaskGone, WorkspaceError)
+from agent_core.executor import DockerExecutor, build_spec
+from agent_core.journal import Journal, Stage, TaskRecord
+from agent_core.protocol import Completion
+
+log = logging.getLogger(__name__)
+
+STDOUT_IN_OUTPUT = 64 * 1024
+ERROR_MESSAGE_CHARS = 2000
+STOP_GRACE_SECS = 10
+
+
+class CancelReason(enum.Enum):
+    SERVER = "server"
+    TIMEOUT = "timeout"
+    AGENT_STOPPING = "agent_stopping"
+
+
+def cancel_outcome(reason: CancelReason, timeout_secs: int) -> tuple[str, str]:
+    """The one place that maps why a task was stopped to what `complete` says."""
+    if reason is CancelReason.SERVER:
+        return "cancelled", "cancelled on request"
+    if reason is CancelReason.TIMEOUT:
+        return "failed", f"timed out after {timeout_secs} s"
+    return "failed", "agent shutting down"
+
+
+def tail_text(path: Path, max_bytes: int) -> str:
+    """The last `max_bytes` of a log file as text ('' when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+class Abandoned(Exception):
+    """The agent is exiting now: leave the task to the journal and the next start."""
+
+
+@dataclass
+class Deps:
+    """What every runner shares."""
+
+    cfg: Config
+    client: Client
+    executor: DockerExecutor
+    journal: Journal
+    service_id: str
+    engine_down: Callable[[], None]  # tells the scheduler to stop taking tasks
+    engine_wait: Callable[[], bool]  # blocks until the engine answers again; False when exiting
+    changed: Callable[[], None]      # live status needs rewriting
+
+
+class TaskRunner:
+    def __init__(self, deps: Deps, record: TaskRecord, on_done: Callable[[TaskRunner], None]):
+        self.deps = deps
+        self.record = record
+        self.task_id = record.task_id
+        self.phase = "accepted"
+        self.started = time.time()
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._cancel_reason: CancelReason | None = (
+            CancelReason(record.cancel_reason) if record.cancel_reason else None)
+        self.log = logging.LoggerAdapter(log, {"task_id": self.task_id})
+        self.thread = threading.Thread(target=self._run, name=f"task-{self.task_id[:16]}", daemon=True)
+        self.workspace = wsmod.Workspace.for_task(deps.cfg.paths.data_dir, self.task_id)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    # --- control from other threads ------------------------------------------
+
+    def cancel(self, reason: CancelReason) -> None:
+        """Stop the task for `reason`; the first reason wins. Safe to call more than once."""
+        with self._lock:
+            if self._cancel_reason is not None:
+                return
+            self._cancel_reason = reason
+            container_id = self.record.container_id
+        self._cancelled.set()
+        self.log.info("task %s: stopping (%s)", self.task_id, reason.value)
+        if container_id:
+            threading.Thread(target=self._stop_container, args=(container_id,), daemon=True).start()
+
+    def _stop_container(self, container_id: str) -> None:
+        try:
+            self.deps.executor.stop(container_id, STOP_GRACE_SECS)
+        except AgentError as e:
+            self.log.warning("task %s: cannot stop container: %s", self.task_id, e)
+
+    @property
+    def cancel_reason(self) -> CancelReason | None:
+        return self._cancel_reason
+
+    # --- the stages --------------------------------------------------------------
+
+    def _save(self, stage: Stage | None = None) -> None:
+        if stage is not None:
+            self.record.stage = stage
+        self.deps.journal.save(self.record)
+        self.deps.changed()
+
+    def _phase(self, name: str) -> None:
+        self.phase = name
+        self.deps.changed()
+
+    def _run(self) -> None:
+        rec = self.record
+        try:
+            try:
+                if rec.stage < Stage.STAGED:
+                    self._stage_inputs()
+                if rec.stage < Stage.LAUNCHED:
+                    self._launch()
+                if rec.stage < Stage.EXITED:
+                    self._await_exit()
+            except Abandoned:
+                raise
+            except AgentError as e:
+                self._fail_early(str(e))
+            except Exception as e:  # a bug must cost one task, not the daemon
+                self.log.exception("task %s: unexpected error", self.task_id)
+                self._fail_early(f"internal error in agent-core: {e.__class__.__name__}: {e}")
+            if rec.stage < Stage.UPLOADED:
+                self._collect()
+            self._report()
+            self._clean_up()
+        except Abandoned:
+            self.log.info("task %s: left for the next start (stage %s)", self.task_id, rec.stage.name)
+        except Exception:
+            self.log.exception("task %s: cannot finish; its journal record is kept for the next start",
+                               self.task_id)
+        finally:
+            self._on_done(self)
+
+    def _check_exiting(self) -> None:
+        if self.deps.client.abort.is_set():
+            raise Abandoned()
+
+    def _stage_inputs(self) -> None:
+        self._phase("downloading")
+        cfg, task, ws = self.deps.cfg, self.record.task, self.workspace
+        wsmod.check_free_disk(cfg.paths.data_dir, cfg.paths.min_free_disk_mb)
+        if ws.exists():  # a crash during an earlier attempt: start the staging again
+            wsmod.remove_workspace(ws.root)
+        ws.create()
+        local_paths = []
+        for index, f in enumerate(task.input_files, start=1):
+            if self._cancelled.is_set():
+                return
+            if f.size_bytes > cfg.limits.max_input_bytes:
+                raise WorkspaceError(
+                    f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
+            rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
+            try:
+                self.deps.client.download(f.id, path, cfg.limits.max_input_bytes)
+            except ServerUnavailable:
+                self._check_exiting()
+                raise
+            local_paths.append(rel)
+        ws.write_task_json(task, local_paths)
+        self._save(Stage.STAGED)
+
+    def _launch(self) -> None:
+        if self._cancelled.is_set():
+            return
+        self._phase("starting")
+        deps = self.deps
+        spec = build_spec(deps.cfg, task_id=self.task_id, workspace=self.workspace.root,
+                          service_id=deps.service_id)
+        container_id = self._docker(lambda: deps.executor.create(spec))
+        with self._lock:
+            self.record.container_id = container_id
+            self.record.launched_at = time.time()
+        self._save(Stage.LAUNCHED)
+        self._docker(lambda: deps.executor.start(container_id))
+        if self._cancelled.is_set():  # a cancel that came between create and start
+            self._stop_container(container_id)
+
+    def _docker(self, call: Callable):
+        try:
+            return call()
+        except DockerUnavailable:
+            self.deps.engine_down()
+            raise
+
+    def _await_exit(self) -> None:
+        rec, deps = self.record, self.deps
+        if not rec.container_id:  # cancelled before launch
+            return
+        self._phase("running")
+        found = deps.executor.inspect(rec.container_id)
+        if found is None:
+            raise ContainerVanished(f"container {rec.container_id[:12]} vanished")
+        if found.status == "created":  # we crashed between create and start
+            deps.executor.start(rec.container_id)
+        timeout = deps.cfg.executor.timeout_secs
+        timer = None
+        if timeout:
+            left = max(0.0, (rec.launched_at or time.time()) + timeout - time.time())
+            timer = threading.Timer(left, self.cancel, args=(CancelReason.TIMEOUT,))
+            timer.daemon = True
+            timer.start()
+        if self._cancelled.is_set():
+            self._stop_container(rec.container_id)
+        try:
+            exit_ = self._wait(rec.container_id)
+        finally:
+            if timer:
+                timer.cancel()
+        deps.executor.save_logs(rec.container_id, self.workspace.stdout_log, self.workspace.stderr_log,
+                                deps.cfg.limits.log_max_bytes)
+        with self._lock:
+            rec.exit_code, rec.oom_killed = exit_.code, exit_.oom_killed
+            rec.cancel_reason = self._cancel_reason.value if self._cancel_reason else None
+        self._save(Stage.EXITED)
+        self._remove_container()
+
+    def _wait(self, container_id: str):
+        """Wait for the container, riding out an engine restart."""
+        while True:
+            try:
+                return self.deps.executor.wait(container_id)
+            except DockerUnavailable as e:
+                self.log.warning("task %s: lost the Docker engine while waiting: %s", self.task_id, e)
+                self.deps.engine_down()
+                if not self.deps.engine_wait():
+                    raise Abandoned() from None
+
+    def _remove_container(self) -> None:
+        if not self.record.container_id:
+            return
+        try:
+            self.deps.executor.remove(self.record.container_id)
+        except AgentError as e:
+            self.log.warning("task %s: cannot remove its container (removed at the next start): %s",
+                             self.task_id, e)
+
+    def _fail_early(self, message: str) -> None:
+        """The task cannot produce a result: record why and let collect/report say so."""
+        self.log.error("task %s: %s", self.task_id, message)
+        self.record.error = message
+        self._remove_container()
+        self._save(Stage.EXITED)
+
+    def _outcome(self) -> tuple[str, str | None]:
+        rec, cfg = self.record, self.deps.cfg
+        if rec.cancel_reason:
+            return cancel_outcome(CancelReason(rec.cancel_reason), cfg.executor.timeout_secs)
+        if rec.error:
+            return "failed", rec.error
+        if rec.exit_code == 0:
+            return "completed", None
+        detail = (tail_text(self.workspace.stderr_log, ERROR_MESSAGE_CHARS).strip()
+                  or tail_text(self.workspace.stdout_log, ERROR_MESSAGE_CHARS).strip())
+        message = f"exit code {rec.exit_code}"
+        if rec.oom_killed:
+            message += f" (out of memory: executor.memory_limit = {cfg.executor.memory_limit})"
+        return "failed", f"{message}: {detail[-ERROR_MESSAGE_CHARS:]}" if detail else message
+
+    def _collect(self) -> None:
+        rec, ws = self.record, self.workspace
+        if self._cancel_reason and not rec.cancel_reason:  # cancelled before launch
+            rec.cancel_reason = self._cancel_reason.value
+        status, message = self._outcome()
+        skipped: list[dict] = []
+        uploaded: list[str] = []
+        if ws.exists():
+            self._phase("uploading")
+            scan = wsmod.scan_outputs(ws.root, self.deps.cfg.limits)
+            skipped = list(scan.summary().get("skipped", []))
+            for out in scan.files:
+                if out.rel not in rec.uploads:
+                    reason = self._upload(out)
+                    if reason:
+                        skipped.append({"path": out.rel, "reason": reason})
+                        continue
+                uploaded.append(out.rel)
+        output: dict = {"files": uploaded, "stdout": tail_text(ws.stdout_log, STDOUT_IN_OUTPUT)}
+        if skipped:
+            output["skipped"] = skipped
+        rec.completion = Completion(task_id=self.task_id, status=status, output=output,
+                                    error_message=message,
+                                    file_ids=tuple(rec.uploads[rel] for rel in uploaded))
+        self._save(Stage.UPLOADED)
+
+    def _upload(self, out: wsmod.OutputFile) -> str | None:
+        """Upload one output and journal its id; returns why it was skipped, or None."""
+        try:
+            result = self.deps.client.upload(self.task_id, out.rel,
+                                             lambda: wsmod.open_output(out.path, out.size))
+        except WorkspaceError as e:  # swapped for a link or a FIFO after the scan, unreadable, ...
+            return str(e)
+        except ServerRejected as e:
+            return f"refused by the server: {e}"
+        except ServerUnavailable:
+            self._check_exiting()
+            raise
+        self.record.uploads[out.rel] = result.file_id
+        self._save()
+        return None
+
+    def _report(self) -> None:
+        self._phase("reporting")
+        completion = self.record.completion
+        assert completion is not None
+        try:
+            self.deps.client.complete(completion)
+            self.log.info("task %s: %s%s", self.task_id, completion.status,
+                          f" ({completion.error_message[:200]})" if completion.error_message else "")
+        except TaskGone as e:
+            self.log.warning("task %s: the server no longer takes its result: %s", self.task_id, e)
+        except ServerUnavailable:
+            self._check_exiting()
+            raise
+        self.record.stage = Stage.REPORTED
+        self.deps.journal.remove(self.task_id)
+
+    def _clean_up(self) -> None:
+        keep = self.deps.cfg.paths.keep_workspaces
+        status = self.record.completion.status if self.record.completion else "failed"
+        if keep == "all" or (keep == "failed" and status != "completed"):
+            return
+        try:
+            wsmod.remove_workspace(self.workspace.root)
+        except AgentError as e:
+            self.log.warning("task %s: %s", self.task_id, e)

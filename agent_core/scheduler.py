@@ -1,0 +1,395 @@
+"""The daemon's supervisor: poll loop, capacity, heartbeats, cancels, recovery, shutdown ladder.
+
+Threads: the supervisor (the caller of `run`), one `TaskRunner` per task, a
+heartbeat thread on its own clock, and short-lived threads for reports that
+must not hold up polling. Nothing sleeps blindly: waits are on `_wakeup`, which
+a finishing task or a signal sets.
+
+Shutdown ladder (`request_stop` moves it one step):
+  1 drain      - no new tasks; running ones finish and are reported; heartbeats go on;
+                 after `shutdown_grace_secs` step 2 follows by itself
+  2 cancel_all - containers are stopped and reported failed ("agent shutting down")
+  3 exit_now   - leave at once; the journal lets the next start recover the tasks
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+from agent_core import process
+from agent_core import workspace as wsmod
+from agent_core.client import Client
+from agent_core.config import Config
+from agent_core.errors import (AgentError, AuthRejected, DiskFull, DockerUnavailable, ServerError,
+                               TaskGone, UnsafePath)
+from agent_core.executor import DockerExecutor
+from agent_core.journal import Journal, TaskRecord
+from agent_core.protocol import Completion, Heartbeat, Task
+from agent_core.runner import CancelReason, Deps, TaskRunner
+
+log = logging.getLogger(__name__)
+
+RUNNING, DRAINING, CANCELLING, EXITING = range(4)
+STATE_NAMES = ("running", "draining", "cancelling", "exiting")
+
+
+class ExitNow(SystemExit):
+    """Raised in the main thread by the third signal."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for the supervisor's own retries."""
+
+    def __init__(self, initial: float = 1.0, cap: float = 60.0):
+        self.initial, self.cap, self.failures = initial, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(self.initial, min(self.cap, self.initial * 2 ** self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class _Throttled:
+    """Log a repeating problem once per `every` seconds, not once per loop."""
+
+    def __init__(self, every: float = 60.0):
+        self.every, self._last = every, {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every) >= self.every:
+            self._last[key] = now
+            log.warning(msg, *args)
+
+    def clear(self, key: str) -> bool:
+        return self._last.pop(key, None) is not None
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, client: Client, executor: DockerExecutor, *, burst: bool = False):
+        self.cfg = cfg
+        self.client = client
+        self.executor = executor
+        self.burst = burst  # leave once the queue is empty and nothing runs (tests, benchmarks)
+        self.capacity = cfg.executor.capacity
+        self.service_id = client.service_id or ""
+        self.journal = Journal(cfg.paths.data_dir)
+        self.exit_code = 0
+        self.step = RUNNING
+        self.last_poll: float | None = None
+        self.last_heartbeat: float | None = None
+        self.started = time.time()
+        self._runners: dict[str, TaskRunner] = {}
+        self._side_jobs: set[str] = set()  # task ids with a report under way outside a runner
+        self._lock = threading.RLock()
+        self._wakeup = threading.Event()
+        self._hb_stop = threading.Event()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._engine_ok = threading.Event()
+        self._engine_ok.set()
+        self._quiet = _Throttled()
+        self._deps = Deps(cfg=cfg, client=client, executor=executor, journal=self.journal,
+                          service_id=self.service_id, engine_down=self._engine_down,
+                          engine_wait=self._engine_wait, changed=self.write_status)
+
+    # --- public verbs ----------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        with self._lock:
+            return len(self._runners)
+
+    def run(self) -> int:
+        """Serve until stopped (or, in burst mode, until idle); returns the exit code."""
+        self._recover()
+        self._hb_thread.start()
+        self.write_status()
+        log.info("agent running: service %s, capacity %d, image %s", self.service_id, self.capacity,
+                 self.cfg.executor.image)
+        try:
+            self._supervise()
+            self._shutdown()
+        finally:
+            self._hb_stop.set()
+            if self._hb_thread.is_alive():
+                self._hb_thread.join(5)
+        return self.exit_code
+
+    def request_stop(self) -> None:
+        """One more step down the ladder (signal handlers call this)."""
+        self.step = min(self.step + 1, EXITING)
+        log.info("stop requested: %s", STATE_NAMES[self.step])
+        self._wakeup.set()
+        if self.step == EXITING:
+            self.exit_now()
+
+    def drain(self) -> None:
+        self.step = max(self.step, DRAINING)
+        self._wakeup.set()
+
+    def cancel_all(self, reason: CancelReason) -> None:
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.cancel(reason)
+
+    def exit_now(self) -> None:
+        self.client.abort.set()
+        self._engine_ok.set()
+        raise ExitNow(1)
+
+    # --- supervisor -------------------------------------------------------------
+
+    def _sleep(self, secs: float) -> None:
+        self._wakeup.wait(secs)
+        self._wakeup.clear()
+
+    def _supervise(self) -> None:
+        backoff = Backoff()
+        interval = self.cfg.server.poll_interval_secs
+        while self.step == RUNNING:
+            try:
+                result = self.client.poll(self.load, self.capacity)
+            except AuthRejected as e:
+                log.error("the server refused our credentials, stopping: %s", e)
+                self.exit_code = 1
+                self.drain()
+                return
+            except ServerError as e:
+                self._quiet.warning("poll", "poll failed (retrying with backoff): %s", e)
+                self._sleep(backoff.next())
+                continue
+            if self._quiet.clear("poll"):
+                log.info("poll works again")
+            backoff.reset()
+            self.last_poll = time.time()
+            again = False
+            if result.cancel_task_id is not None:
+                self._on_cancel(result.cancel_task_id)
+            elif result.task is not None:
+                again = self._on_offer(result.task)
+            elif self.burst and self.load == 0 and not self._side_jobs:
+                log.info("queue empty and nothing running: leaving (burst mode)")
+                return
+            if not again:
+                self._sleep(interval)
+
+    def _on_offer(self, task: Task) -> bool:
+        """Take the offered task if we can; True when polling again at once makes sense."""
+        try:
+            wsmod.check_task_id(task.id)
+        except UnsafePath as e:
+            self._refuse(task.id, f"task id refused: {e}")
+            return True
+        with self._lock:
+            requeued = task.id in self._runners
+            if not requeued:
+                if len(self._runners) >= self.capacity or not self._can_take_work():
+                    return False
+                runner = TaskRunner(self._deps, TaskRecord(task=task), self._on_runner_done)
+                self._runners[task.id] = runner  # the slot is taken before accept
+        if requeued:
+            # the server requeued a task that still runs here: take it back, keep the container
+            try:
+                if self.client.accept(task.id):
+                    log.warning("task %s: requeued by the server while running here; accepted again", task.id)
+            except ServerError as e:
+                log.warning("task %s: accept failed: %s", task.id, e)
+            return False
+        try:
+            accepted = self.client.accept(task.id)
+        except ServerError as e:
+            accepted = False
+            log.warning("task %s: accept failed: %s", task.id, e)
+        if not accepted:
+            with self._lock:
+                del self._runners[task.id]
+            return True
+        try:
+            self.journal.save(runner.record)
+        except AgentError as e:
+            log.error("task %s: %s", task.id, e)
+        log.info("task %s: accepted (%d input files)", task.id, len(task.input_files))
+        runner.start()
+        return self.load < self.capacity
+
+    def _can_take_work(self) -> bool:
+        if not self._engine_ok.is_set():
+            return False
+        try:
+            wsmod.check_free_disk(self.cfg.paths.data_dir, self.cfg.paths.min_free_disk_mb)
+        except DiskFull as e:
+            self._quiet.warning("disk", "not taking tasks: %s", e)
+            return False
+        return True
+
+    def _on_cancel(self, task_id: str) -> None:
+        with self._lock:
+            runner = self._runners.get(task_id)
+        if runner is not None:
+            runner.cancel(CancelReason.SERVER)
+            return
+        # not running here (lost, or never ours): say so at once, or the server holds our queue forever
+        self._side_report(Completion(task_id=task_id, status="cancelled",
+                                     error_message="cancelled: the task was not running on this agent"))
+
+    def _refuse(self, task_id: str, why: str) -> None:
+        """A task we must not run: take it off the queue as failed, with the reason."""
+        log.error("refusing a task: %s", why)
+
+        def accept_then_fail() -> bool:
+            return self.client.accept(task_id)
+
+        self._side_report(Completion(task_id=task_id, status="failed", error_message=why),
+                          before=accept_then_fail)
+
+    def _side_report(self, completion: Completion, before=None) -> None:
+        with self._lock:
+            if completion.task_id in self._side_jobs:
+                return
+            self._side_jobs.add(completion.task_id)
+
+        def job() -> None:
+            try:
+                if before is None or before():
+                    self.client.complete(completion)
+            except TaskGone:
+                pass
+            except ServerError as e:
+                log.warning("cannot report task %.40r as %s: %s", completion.task_id, completion.status, e)
+            finally:
+                with self._lock:
+                    self._side_jobs.discard(completion.task_id)
+                self._wakeup.set()
+
+        threading.Thread(target=job, name="report", daemon=True).start()
+
+    def _on_runner_done(self, runner: TaskRunner) -> None:
+        with self._lock:
+            self._runners.pop(runner.task_id, None)
+        self.write_status()
+        self._wakeup.set()
+
+    # --- the Docker engine ------------------------------------------------------
+
+    def _engine_down(self) -> None:
+        if self._engine_ok.is_set():
+            log.error("Docker engine unreachable: not taking tasks until it is back")
+            self._engine_ok.clear()
+            threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
+
+    def _watch_engine(self) -> None:
+        backoff = Backoff(1.0, 15.0)
+        while not self._engine_ok.is_set() and not self.client.abort.is_set():
+            try:
+                self.executor.ping()
+            except DockerUnavailable:
+                self.client.abort.wait(backoff.next())
+                continue
+            log.info("Docker engine is back")
+            self._engine_ok.set()
+            self._wakeup.set()
+
+    def _engine_wait(self) -> bool:
+        self._engine_ok.wait()
+        return not self.client.abort.is_set()
+
+    # --- heartbeats and live status ---------------------------------------------
+
+    def _heartbeat(self, status: str | None = None) -> None:
+        load = min(self.load, self.capacity)
+        status = status or ("busy" if load >= self.capacity else "online")
+        self.client.heartbeat(Heartbeat(status=status, current_load=load, capacity=self.capacity))
+        self.last_heartbeat = time.time()
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.cfg.agent.heartbeat_interval_secs
+        wait = 0.0
+        while not self._hb_stop.wait(wait):
+            try:
+                self._heartbeat()
+                wait = interval
+            except ServerError as e:
+                ago = f"{time.time() - self.last_heartbeat:.0f} s ago" if self.last_heartbeat else "never"
+                log.warning("heartbeat failed (last success %s): %s", ago, e)
+                wait = min(5.0, interval)
+            self.write_status()
+
+    def write_status(self) -> None:
+        now = time.time()
+        with self._lock:
+            tasks = [{"id": r.task_id, "stage": r.phase, "age_secs": round(now - r.started, 1),
+                      "container": (r.record.container_id or "")[:12] or None}
+                     for r in self._runners.values()]
+        process.write_status(self.cfg.paths.data_dir, {
+            "pid": os.getpid(),
+            "state": STATE_NAMES[self.step],
+            "started_at": self.started,
+            "service_id": self.service_id,
+            "capacity": self.capacity,
+            "engine_ok": self._engine_ok.is_set(),
+            "last_poll": self.last_poll,
+            "last_heartbeat": self.last_heartbeat,
+            "tasks": tasks,
+            "requests": self.client.budget.snapshot(),
+        })
+
+    # --- start and stop ---------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Pick up every task the journal knows, then remove containers and workspaces nobody owns."""
+        for record in self.journal.replay():
+            try:
+                wsmod.check_task_id(record.task_id)
+            except UnsafePath:
+                log.error("journal holds an unsafe task id %.40r; dropping it", record.task_id)
+                self.journal.remove(record.task_id)
+                continue
+            log.info("task %s: resuming after restart at stage %s", record.task_id, record.stage.name)
+            runner = TaskRunner(self._deps, record, self._on_runner_done)
+            with self._lock:
+                self._runners[record.task_id] = runner
+            runner.start()
+        with self._lock:
+            known = set(self._runners)
+        for found in self.executor.managed(self.service_id):
+            if found.task_id not in known:
+                log.warning("removing leftover container %s of task %s", found.name, found.task_id)
+                self.executor.remove(found.id)
+        if self.cfg.paths.keep_workspaces == "none":
+            root = Path(self.cfg.paths.data_dir) / "workspaces"
+            for entry in (root.iterdir() if root.is_dir() else ()):
+                if entry.name not in known:
+                    wsmod.remove_workspace(entry)
+
+    def _shutdown(self) -> None:
+        grace = self.cfg.agent.shutdown_grace_secs
+        if self.load:
+            log.info("draining: %d task(s) may finish within %.0f s", self.load, grace)
+        deadline = time.monotonic() + grace
+        while self.load and self.step < CANCELLING and time.monotonic() < deadline:
+            self._sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if self.load:
+            self.step = max(self.step, CANCELLING)
+            self.write_status()
+            log.info("cancelling %d running task(s)", self.load)
+            self.cancel_all(CancelReason.AGENT_STOPPING)
+            while self.load:
+                self._sleep(1.0)
+        deadline = time.monotonic() + 10.0
+        while self._side_jobs and time.monotonic() < deadline:
+            self._sleep(0.5)
+        self._hb_stop.set()
+        self._hb_thread.join(5)
+        try:
+            self._heartbeat("offline")
+            log.info("sent offline heartbeat")
+        except ServerError as e:
+            log.warning("cannot send the offline heartbeat: %s", e)

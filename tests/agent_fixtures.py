@@ -1,0 +1,121 @@
+"""A registered agent against the local server, run as a real `agent-core` process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from agent_core import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def agent_cli(*args: str, config_path: Path | None = None, check: bool = False, timeout: float = 120,
+              input: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "agent_core"]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"agent-core {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+class Agent:
+    """One agent-core configuration, registered with the local server, and its `run` process."""
+
+    def __init__(self, root: Path, server_url: str, dev_client: Any, settings: dict[str, Any]):
+        self.root = root
+        self.config_path = root / "config.toml"
+        config.init(self.config_path, base_url=server_url)
+        service = dev_client.create_service(f"svc-{root.name}")
+        self.service_id = service["id"]
+        config.update(self.config_path, {"paths.data_dir": str(root / "data"), **settings})
+        agent_cli("register", "--token", service["registration_token"], config_path=self.config_path,
+                  check=True)
+        self.cfg = config.load(self.config_path)
+        self.log_path = root / "agent-run.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *args: str) -> subprocess.Popen:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent_core", "--config", str(self.config_path), "run", "--log-level",
+             "debug", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        return self.proc
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def make_agent(tmp_path, dev_server, dev_client, busybox_image, docker_cleanup):
+    """make_agent({"executor.capacity": 4, ...}) -> a registered Agent (dotted config keys)."""
+    docker_cleanup.sweep_managed = False  # our containers are found by service id
+    agents: list[Agent] = []
+
+    def make(settings: dict[str, Any] | None = None) -> Agent:
+        defaults = {
+            "server.poll_interval_secs": 0.5,
+            "executor.image": busybox_image,
+            "executor.network_mode": "none",
+            "executor.capacity": 2,
+            "agent.heartbeat_interval_secs": 5,
+            "agent.shutdown_grace_secs": 30,
+            "paths.min_free_disk_mb": 0,
+        }
+        defaults.update(settings or {})
+        root = tmp_path / f"agent{len(agents)}"
+        root.mkdir()
+        agent = Agent(root, dev_server.url, dev_client, defaults)
+        docker_cleanup.track_service(agent.service_id)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        if agent.alive() and agent.stop() != 0:
+            print(agent.log()[-5000:])  # pytest shows it when the test failed

@@ -1,0 +1,83 @@
+"""The client-side request budget: heartbeat reserve, priorities, reaction to 429."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from agent_core.budget import Aborted, RequestBudget
+
+
+def take(budget: RequestBudget, kind: str, timeout: float = 0.05) -> bool:
+    """Whether `kind` gets a slot within `timeout`."""
+    abort = threading.Event()
+    threading.Timer(timeout, abort.set).start()
+    try:
+        budget.acquire(kind, abort)
+        return True
+    except Aborted:
+        return False
+
+
+def test_work_leaves_the_reserve_to_heartbeats():
+    budget = RequestBudget(5, 2, window=30)
+    assert all(take(budget, "poll") for _ in range(3))
+    assert not take(budget, "poll")
+    assert not take(budget, "complete")
+    assert take(budget, "heartbeat") and take(budget, "heartbeat")
+    assert not take(budget, "heartbeat")
+    snap = budget.snapshot()
+    assert snap["sent_last_window"] == 5 and snap["available"] == 0
+
+
+def test_slots_come_back_after_the_window():
+    budget = RequestBudget(2, 0, window=0.3)
+    assert take(budget, "poll") and take(budget, "poll")
+    assert not take(budget, "poll")
+    assert take(budget, "poll", timeout=2.0)
+
+
+def test_waiting_calls_go_in_priority_order():
+    budget = RequestBudget(2, 0, window=0.5)
+    budget.acquire("poll")
+    budget.acquire("poll")
+    order: list[str] = []
+    threads = []
+    for kind in ("poll", "download", "accept", "upload", "complete"):
+        t = threading.Thread(target=lambda k=kind: (budget.acquire(k), order.append(k)))
+        t.start()
+        threads.append(t)
+        time.sleep(0.02)  # queue them in the worst order: lowest priority first
+    for t in threads:
+        t.join(10)
+    assert order == ["complete", "upload", "accept", "download", "poll"]
+
+
+def test_a_429_holds_work_but_not_heartbeats(caplog):
+    budget = RequestBudget(100, 10, window=60)
+    started = time.monotonic()
+    budget.throttle(0.5)
+    budget.throttle(0.5)
+    assert take(budget, "heartbeat")
+    assert take(budget, "poll", timeout=3.0)
+    assert time.monotonic() - started >= 0.45
+    assert budget.snapshot()["throttled"] == 2
+    assert caplog.text.count("rate limit") == 1  # logged once per episode
+
+
+def test_no_limit_means_no_waiting():
+    budget = RequestBudget(0, 10)
+    for _ in range(1000):
+        budget.acquire("poll")
+    assert budget.snapshot()["available"] is None
+
+
+def test_abort_while_waiting():
+    budget = RequestBudget(1, 0, window=60)
+    budget.acquire("poll")
+    abort = threading.Event()
+    abort.set()
+    with pytest.raises(Aborted):
+        budget.acquire("poll", abort)
