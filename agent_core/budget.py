@@ -26,7 +26,9 @@ class Aborted(Exception):
 
 
 class RequestBudget:
-    def __init__(self, per_minute: int, reserve: int, *, window: float = 60.0,
+    # a second longer than the server's window: our clock starts before the request
+    # arrives there, and a slot freed here a moment too early costs a 429
+    def __init__(self, per_minute: int, reserve: int, *, window: float = 61.0,
                  clock: Callable[[], float] = time.monotonic):
         self.limit = per_minute
         self.reserve = reserve if per_minute else 0
@@ -56,8 +58,8 @@ class RequestBudget:
             return 0.0
         return self._sent[0] + self.window - now
 
-    def acquire(self, kind: str, abort: threading.Event | None = None) -> None:
-        """Block until `kind` may send one request; raises Aborted if `abort` is set meanwhile."""
+    def acquire(self, kind: str, *aborts: threading.Event | None) -> None:
+        """Block until `kind` may send one request; raises Aborted if one of `aborts` is set meanwhile."""
         if not self.limit:
             return
         with self._cond:
@@ -66,7 +68,7 @@ class RequestBudget:
             self._waiting.append(ticket)
             try:
                 while True:
-                    if abort is not None and abort.is_set():
+                    if any(a is not None and a.is_set() for a in aborts):
                         raise Aborted()
                     now = self._clock()
                     self._expire(now)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from agent_core.budget import Aborted, RequestBudget
 from agent_core.config import Config
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected,
                                ServerUnavailable, TaskGone, WorkspaceError)
+from agent_core.metrics import Metrics
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration, UploadedFile
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,13 @@ CHUNK = 1024 * 1024
 class RetryPolicy:
     attempts: int | None  # None = until acknowledged, a final refusal, or abort
     max_wait: float = 30.0
+    log_level: int = logging.WARNING  # of each "failed, retrying" line
 
 
 NO_RETRY = RetryPolicy(attempts=1)
 FEW = RetryPolicy(attempts=4, max_wait=10.0)
+# `agent-core register` reports its outcome in one line: retries are not news on its terminal
+REGISTER = RetryPolicy(attempts=4, max_wait=10.0, log_level=logging.INFO)
 PERSIST = RetryPolicy(attempts=None, max_wait=60.0)
 
 REGISTER_ERRORS = {
@@ -68,6 +73,17 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(0.0, when.timestamp() - time.time()) if when else None
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):  # httpx wraps httpcore, which wraps the ssl module's error
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _body_snippet(response: httpx.Response) -> str:
     """The server's message (JSON `message` or plain text), short and on one line."""
     try:
@@ -92,6 +108,12 @@ def _json(response: httpx.Response, endpoint: str) -> Any:
                                 status=response.status_code) from None
 
 
+def _check_reply(response: httpx.Response, endpoint: str) -> None:
+    """A 2xx whose body we do not use must still be JSON (or empty): garbage means a broken answer."""
+    if response.content:
+        _json(response, endpoint)
+
+
 class Client:
     """Talks to one OpenAaaS server as one registered service.
 
@@ -113,6 +135,7 @@ class Client:
         self._http = http or httpx.Client(timeout=timeout, trust_env=trust_env,
                                           headers={"User-Agent": f"agent-core/{__version__}"})
         self.last_success: dict[str, float] = {}  # endpoint -> time.time() of the last 2xx
+        self.metrics = Metrics()  # records nothing; the daemon installs a real one (metrics.start)
 
     @classmethod
     def from_config(cls, cfg: Config, *, abort: threading.Event | None = None,
@@ -153,6 +176,7 @@ class Client:
         if 200 <= status < 300:
             self.last_success[endpoint] = time.time()
             return response
+        self.metrics.error(endpoint)
         if status in (408, 429) or status >= 500:
             retry_after = _retry_after(response)
             if status == 429:
@@ -164,16 +188,23 @@ class Client:
                   endpoint=endpoint, status=status)
 
     def _transport_error(self, exc: httpx.HTTPError, endpoint: str) -> ServerUnavailable:
+        self.metrics.error(endpoint)
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, httpx.TimeoutException):
             reason = f"timed out ({exc.__class__.__name__})"
+        elif _caused_by(exc, ssl.SSLError):  # the raw text alone does not say "TLS"
+            reason = f"TLS error: {reason}"
         return ServerUnavailable(f"{endpoint}: cannot reach the server at {self.base_url}: {reason}",
                                  endpoint=endpoint)
 
-    def _request(self, kind: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One attempt: take a budget slot, send, and translate every failure."""
+    def _request(self, kind: str, method: str, url: str, *, interrupt: threading.Event | None = None,
+                 **kwargs: Any) -> httpx.Response:
+        """One attempt: take a budget slot, send, and translate every failure.
+
+        `interrupt` gives up waiting for a budget slot when set (a poll nobody needs any more).
+        """
         try:
-            self.budget.acquire(kind, self.abort)
+            self.budget.acquire(kind, self.abort, interrupt)
         except Aborted:
             raise ServerUnavailable(f"{kind}: abandoned, the agent is exiting", endpoint=kind) from None
         try:
@@ -183,7 +214,8 @@ class Client:
         return self._check(response, kind)
 
     def _retrying(self, kind: str, policy: RetryPolicy) -> tenacity.Retrying:
-        backoff = tenacity.wait_exponential_jitter(initial=0.5, max=policy.max_wait, jitter=1.0)
+        # not wait_exponential_jitter: its `initial` is deprecated in tenacity 9, its replacement missing in 8
+        backoff = tenacity.wait_exponential(multiplier=0.5, max=policy.max_wait) + tenacity.wait_random(0, 1.0)
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -192,8 +224,8 @@ class Client:
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s failed (attempt %d): %s; retrying in %.1f s", kind, state.attempt_number, exc,
-                        state.next_action.sleep if state.next_action else 0)
+            log.log(policy.log_level, "%s failed (attempt %d): %s; retrying in %.1f s", kind,
+                    state.attempt_number, exc, state.next_action.sleep if state.next_action else 0)
 
         stop = tenacity.stop_never if policy.attempts is None else tenacity.stop_after_attempt(policy.attempts)
         return tenacity.Retrying(
@@ -223,10 +255,10 @@ class Client:
                 raise
             return Registration.from_json(_json(r, "register"))
 
-        return self._call("register", FEW, attempt)
+        return self._call("register", REGISTER, attempt)
 
-    def poll(self, current_load: int, capacity: int) -> PollResult:
-        r = self._request("poll", "POST", self._agent_url("poll"), headers=self._auth(),
+    def poll(self, current_load: int, capacity: int, *, interrupt: threading.Event | None = None) -> PollResult:
+        r = self._request("poll", "POST", self._agent_url("poll"), headers=self._auth(), interrupt=interrupt,
                           json={"current_load": current_load,
                                 "available_capacity": max(0, capacity - current_load)})
         if r.status_code == 204 or not r.content:
@@ -240,8 +272,9 @@ class Client:
         def attempt() -> bool:
             nonlocal unsure
             try:
-                self._request("accept", "POST", self._agent_url("accept"), headers=self._auth(),
-                              json={"task_id": task_id})
+                r = self._request("accept", "POST", self._agent_url("accept"), headers=self._auth(),
+                                  json={"task_id": task_id})
+                _check_reply(r, "accept")
                 return True
             except ServerRejected as e:
                 if e.status in (400, 409) and not isinstance(e, AuthRejected):
@@ -250,6 +283,9 @@ class Client:
                 raise
             except ServerUnavailable as e:
                 unsure = unsure or e.status is None or e.status >= 500
+                raise
+            except ProtocolViolation:
+                unsure = True  # a 200 we cannot read: the server may well have taken it
                 raise
 
         return self._call("accept", FEW, attempt)
@@ -282,6 +318,7 @@ class Client:
                 raise self._transport_error(e, "download") from None
             except OSError as e:
                 raise WorkspaceError(f"cannot write input file {dest.name}: {e.strerror}") from None
+            self.metrics.transferred("down", size)
             return size
 
         return self._call("download", FEW, attempt)
@@ -294,6 +331,7 @@ class Client:
                 r = self._request("upload", "POST", self._files_url("upload"), headers=self._auth(),
                                   data={"task_id": task_id},
                                   files={"file": (rel_path, f, "application/octet-stream")})
+                self.metrics.transferred("up", f.tell())  # sent from the start to the end of the file
             return UploadedFile.from_json(_json(r, "upload"))
 
         return self._call("upload", PERSIST, attempt)
@@ -302,12 +340,13 @@ class Client:
         """Report a task's end. Raises TaskGone when the server finally refuses it (400)."""
         def attempt() -> None:
             try:
-                self._request("complete", "POST", self._agent_url("complete"), headers=self._auth(),
-                              json=completion.to_json())
+                r = self._request("complete", "POST", self._agent_url("complete"), headers=self._auth(),
+                                  json=completion.to_json())
             except ServerRejected as e:
                 if e.status == 400:
                     raise TaskGone(str(e), endpoint="complete", status=400) from None
                 raise
+            _check_reply(r, "complete")
 
         self._call("complete", PERSIST, attempt)
 

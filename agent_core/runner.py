@@ -13,17 +13,19 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agent_core import logs
 from agent_core import workspace as wsmod
 from agent_core.client import Client
 from agent_core.config import Config
-from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerRejected,
-                               ServerUnavailable, TaskGone, WorkspaceError)
+from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerError,
+                               ServerRejected, ServerUnavailable, TaskGone, WorkspaceError)
 from agent_core.executor import DockerExecutor, build_spec
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.protocol import Completion
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 STDOUT_IN_OUTPUT = 64 * 1024
 ERROR_MESSAGE_CHARS = 2000
 STOP_GRACE_SECS = 10
+DOWNLOAD_BACKOFF_SECS = 2.0      # between rounds of download attempts (the client retries within a round)
+DOWNLOAD_BACKOFF_CAP_SECS = 60.0
 
 
 class CancelReason(enum.Enum):
@@ -88,9 +92,13 @@ class TaskRunner:
         self.started = time.time()
         self._on_done = on_done
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # the record is journaled from the task thread and by cancel()
         self._cancelled = threading.Event()
+        # a cancel journaled by an earlier run still holds: the new run finishes it
         self._cancel_reason: CancelReason | None = (
             CancelReason(record.cancel_reason) if record.cancel_reason else None)
+        if self._cancel_reason is not None:
+            self._cancelled.set()
         self.log = logging.LoggerAdapter(log, {"task_id": self.task_id})
         self.thread = threading.Thread(target=self._run, name=f"task-{self.task_id[:16]}", daemon=True)
         self.workspace = wsmod.Workspace.for_task(deps.cfg.paths.data_dir, self.task_id)
@@ -109,8 +117,21 @@ class TaskRunner:
             container_id = self.record.container_id
         self._cancelled.set()
         self.log.info("task %s: stopping (%s)", self.task_id, reason.value)
+        self._journal_cancel(reason)
         if container_id:
             threading.Thread(target=self._stop_container, args=(container_id,), daemon=True).start()
+
+    def _journal_cancel(self, reason: CancelReason) -> None:
+        """Record the reason before the container is stopped: if we die now, the next start
+        reports why the container ended instead of a bare exit code."""
+        with self._save_lock:
+            if self.record.stage >= Stage.EXITED:  # the result is known (or the record gone)
+                return
+            self.record.cancel_reason = reason.value
+            try:
+                self.deps.journal.save(self.record)
+            except AgentError as e:
+                self.log.error("task %s: %s", self.task_id, e)
 
     def _stop_container(self, container_id: str) -> None:
         try:
@@ -125,9 +146,10 @@ class TaskRunner:
     # --- the stages --------------------------------------------------------------
 
     def _save(self, stage: Stage | None = None) -> None:
-        if stage is not None:
-            self.record.stage = stage
-        self.deps.journal.save(self.record)
+        with self._save_lock:
+            if stage is not None:
+                self.record.stage = stage
+            self.deps.journal.save(self.record)
         self.deps.changed()
 
     def _phase(self, name: str) -> None:
@@ -135,6 +157,7 @@ class TaskRunner:
         self.deps.changed()
 
     def _run(self) -> None:
+        logs.current_task.set(self.task_id)  # every line this thread logs names the task
         rec = self.record
         try:
             try:
@@ -147,8 +170,10 @@ class TaskRunner:
             except Abandoned:
                 raise
             except AgentError as e:
+                self._check_exiting()  # an error caused by exiting is not the task's result
                 self._fail_early(str(e))
             except Exception as e:  # a bug must cost one task, not the daemon
+                self._check_exiting()
                 self.log.exception("task %s: unexpected error", self.task_id)
                 self._fail_early(f"internal error in agent-core: {e.__class__.__name__}: {e}")
             if rec.stage < Stage.UPLOADED:
@@ -182,14 +207,27 @@ class TaskRunner:
                 raise WorkspaceError(
                     f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
             rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
-            try:
-                self.deps.client.download(f.id, path, cfg.limits.max_input_bytes)
-            except ServerUnavailable:
-                self._check_exiting()
-                raise
+            self._download(f.id, path)
             local_paths.append(rel)
         ws.write_task_json(task, local_paths)
         self._save(Stage.STAGED)
+
+    def _download(self, file_id: str, path: Path) -> None:
+        """One input file, retried while the server is unavailable: an outage must not fail the task."""
+        backoff = DOWNLOAD_BACKOFF_SECS
+        while True:
+            try:
+                self.deps.client.download(file_id, path, self.deps.cfg.limits.max_input_bytes)
+                return
+            except ServerUnavailable as e:
+                self._check_exiting()
+                if self._cancelled.is_set():
+                    raise
+                pause = random.uniform(backoff / 2, backoff)
+                self.log.warning("task %s: download of input %s failed, trying again in %.0f s: %s",
+                                 self.task_id, file_id, pause, e)
+            self._cancelled.wait(pause)  # a cancel cuts the wait short
+            backoff = min(backoff * 2, DOWNLOAD_BACKOFF_CAP_SECS)
 
     def _launch(self) -> None:
         if self._cancelled.is_set():
@@ -326,7 +364,8 @@ class TaskRunner:
         except ServerUnavailable:
             self._check_exiting()
             raise
-        self.record.uploads[out.rel] = result.file_id
+        with self._save_lock:
+            self.record.uploads[out.rel] = result.file_id
         self._save()
         return None
 
@@ -335,9 +374,10 @@ class TaskRunner:
         completion = self.record.completion
         assert completion is not None
         try:
-            self.deps.client.complete(completion)
+            self._complete(completion)
             self.log.info("task %s: %s%s", self.task_id, completion.status,
                           f" ({completion.error_message[:200]})" if completion.error_message else "")
+            self.deps.client.metrics.task_finished(completion.status, time.time() - self.started)
         except TaskGone as e:
             self.log.warning("task %s: the server no longer takes its result: %s", self.task_id, e)
         except ServerUnavailable:
@@ -345,6 +385,23 @@ class TaskRunner:
             raise
         self.record.stage = Stage.REPORTED
         self.deps.journal.remove(self.task_id)
+
+    def _complete(self, completion: Completion) -> None:
+        """`complete`; if the server requeued the task meanwhile (400: it is pending again), take it
+        back with `accept` and report once more, rather than let it run a second time elsewhere."""
+        try:
+            self.deps.client.complete(completion)
+            return
+        except TaskGone as e:
+            self.log.warning("task %s: the server refused the result (%s); accepting it again in case "
+                             "it was requeued", self.task_id, e)
+        try:
+            self.deps.client.accept(self.task_id)
+        except ServerError as e:
+            self.log.warning("task %s: accept failed: %s", self.task_id, e)
+        # whoever accepted it (we, or the poll loop that saw it pending), it is running again, or
+        # else it is really gone and this raises TaskGone once more
+        self.deps.client.complete(completion)
 
     def _clean_up(self) -> None:
         keep = self.deps.cfg.paths.keep_workspaces

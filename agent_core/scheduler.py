@@ -90,6 +90,7 @@ class Scheduler:
         self._side_jobs: set[str] = set()  # task ids with a report under way outside a runner
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
+        self._stopping = threading.Event()  # set from the first stop step on: a waiting poll gives up
         self._hb_stop = threading.Event()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._engine_ok = threading.Event()
@@ -125,13 +126,16 @@ class Scheduler:
     def request_stop(self) -> None:
         """One more step down the ladder (signal handlers call this)."""
         self.step = min(self.step + 1, EXITING)
+        self._stopping.set()
         log.info("stop requested: %s", STATE_NAMES[self.step])
         self._wakeup.set()
         if self.step == EXITING:
             self.exit_now()
+        self.write_status()  # `stop` watches the state to know the signal was taken
 
     def drain(self) -> None:
         self.step = max(self.step, DRAINING)
+        self._stopping.set()
         self._wakeup.set()
 
     def cancel_all(self, reason: CancelReason) -> None:
@@ -156,13 +160,15 @@ class Scheduler:
         interval = self.cfg.server.poll_interval_secs
         while self.step == RUNNING:
             try:
-                result = self.client.poll(self.load, self.capacity)
+                result = self.client.poll(self.load, self.capacity, interrupt=self._stopping)
             except AuthRejected as e:
                 log.error("the server refused our credentials, stopping: %s", e)
                 self.exit_code = 1
                 self.drain()
                 return
             except ServerError as e:
+                if self.step != RUNNING:
+                    return
                 self._quiet.warning("poll", "poll failed (retrying with backoff): %s", e)
                 self._sleep(backoff.next())
                 continue
@@ -187,7 +193,7 @@ class Scheduler:
             wsmod.check_task_id(task.id)
         except UnsafePath as e:
             self._refuse(task.id, f"task id refused: {e}")
-            return True
+            return False  # the same offer comes until the refusal lands; its end wakes the loop
         with self._lock:
             requeued = task.id in self._runners
             if not requeued:
@@ -199,15 +205,16 @@ class Scheduler:
             # the server requeued a task that still runs here: take it back, keep the container
             try:
                 if self.client.accept(task.id):
-                    log.warning("task %s: requeued by the server while running here; accepted again", task.id)
+                    log.warning("task %s: requeued by the server while running here; accepted again", task.id,
+                                extra={"task_id": task.id})
             except ServerError as e:
-                log.warning("task %s: accept failed: %s", task.id, e)
+                log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
             return False
         try:
             accepted = self.client.accept(task.id)
         except ServerError as e:
             accepted = False
-            log.warning("task %s: accept failed: %s", task.id, e)
+            log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
         if not accepted:
             with self._lock:
                 del self._runners[task.id]
@@ -215,8 +222,9 @@ class Scheduler:
         try:
             self.journal.save(runner.record)
         except AgentError as e:
-            log.error("task %s: %s", task.id, e)
-        log.info("task %s: accepted (%d input files)", task.id, len(task.input_files))
+            log.error("task %s: %s", task.id, e, extra={"task_id": task.id})
+        log.info("task %s: accepted (%d input files)", task.id, len(task.input_files),
+                 extra={"task_id": task.id})
         runner.start()
         return self.load < self.capacity
 
@@ -352,7 +360,8 @@ class Scheduler:
                 log.error("journal holds an unsafe task id %.40r; dropping it", record.task_id)
                 self.journal.remove(record.task_id)
                 continue
-            log.info("task %s: resuming after restart at stage %s", record.task_id, record.stage.name)
+            log.info("task %s: resuming after restart at stage %s", record.task_id, record.stage.name,
+                     extra={"task_id": record.task_id})
             runner = TaskRunner(self._deps, record, self._on_runner_done)
             with self._lock:
                 self._runners[record.task_id] = runner
@@ -361,7 +370,8 @@ class Scheduler:
             known = set(self._runners)
         for found in self.executor.managed(self.service_id):
             if found.task_id not in known:
-                log.warning("removing leftover container %s of task %s", found.name, found.task_id)
+                log.warning("removing leftover container %s of task %s", found.name, found.task_id,
+                            extra={"task_id": found.task_id})
                 self.executor.remove(found.id)
         if self.cfg.paths.keep_workspaces == "none":
             root = Path(self.cfg.paths.data_dir) / "workspaces"
