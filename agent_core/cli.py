@@ -225,6 +225,49 @@ def stop(ctx: click.Context, force: bool) -> None:
         click.echo(str(e))
 
 
+@cli.command("doctor")
+@_config_option()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def doctor_command(ctx: click.Context, as_json: bool) -> None:
+    """Check config, data dir, Docker, image, server, credentials (one heartbeat), disk and GPU."""
+    from agent_core import doctor  # keeps Docker out of the other commands' start-up
+
+    checks = doctor.run(_config_path(ctx))
+    click.echo(doctor.to_json(checks) if as_json else doctor.render(checks))
+    ctx.exit(doctor.exit_code(checks))
+
+
+@cli.group()
+def service() -> None:
+    """Install or remove a systemd unit that runs `agent-core run` for this config."""
+
+
+_user_option = click.option("--user", is_flag=True,
+                            help="A user unit (~/.config/systemd/user), not a system one.")
+
+
+@service.command("install")
+@_config_option()
+@_user_option
+@click.option("--print", "print_only", is_flag=True, help="Only print the unit.")
+@click.pass_context
+def service_install(ctx: click.Context, user: bool, print_only: bool) -> None:
+    """Write agent-core.service and print how to enable it."""
+    from agent_core import service as servicemod
+
+    servicemod.install(_load(ctx), user=user, print_only=print_only, say=click.echo)
+
+
+@service.command("uninstall")
+@_user_option
+def service_uninstall(user: bool) -> None:
+    """Remove agent-core.service (and its enable link)."""
+    from agent_core import service as servicemod
+
+    servicemod.uninstall(user=user, say=click.echo)
+
+
 def main() -> None:
     if hasattr(signal, "SIGPIPE"):  # `agent-core status | head` must not end in a traceback
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

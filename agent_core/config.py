@@ -9,7 +9,6 @@ because the file holds the api_key.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
+from agent_core import hostpaths
 from agent_core.errors import ConfigError
 from agent_core.fsutil import write_atomic
 
@@ -31,6 +31,9 @@ KEEP_WORKSPACES = ("none", "failed", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 MAX_HEARTBEAT_INTERVAL = 20.0  # the server marks us offline after 60 s of silence
+GPU_VENDORS = ("nvidia",)
+# a GPU index, or the UUID nvidia-smi -L prints (GPU-..., MIG-...)
+_GPU_ID_RE = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z-]+)$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -61,6 +64,40 @@ def normalise_base_url(url: str) -> str:
     if not parts.hostname:
         raise ValueError(f"{url!r} has no host")
     return url.rstrip("/")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """(host, port) from "127.0.0.1:9464" or "[::1]:9464"; port 0 takes a free one."""
+    host, sep, port = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def parse_gpu_devices(value: str) -> str:
+    """"all" or GPU indexes/UUIDs separated by commas ("0,1"), normalised; ValueError otherwise."""
+    if value.strip().lower() == "all":
+        return "all"
+    ids = [part.strip() for part in value.split(",")]
+    if not all(_GPU_ID_RE.match(i) for i in ids):
+        raise ValueError(f"must be \"all\" or GPU indexes or UUIDs separated by commas, e.g. \"0,1\" "
+                         f"(got {value!r})")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"names a GPU twice (got {value!r})")
+    return ",".join(ids)
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    vendor: str = "nvidia"
+    devices: str = "all"
+
+    @property
+    def device_ids(self) -> tuple[str, ...] | None:
+        """None = every GPU of the host."""
+        return None if self.devices == "all" else tuple(self.devices.split(","))
 
 
 @dataclass(frozen=True)
@@ -112,6 +149,8 @@ class ExecutorConfig:
     read_only: bool = False
     cap_drop: tuple[str, ...] = ("ALL",)
     cap_add: tuple[str, ...] = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID")
+    gpu: GpuConfig | None = None
+    enable_host_access: bool = False
 
     @property
     def memory_bytes(self) -> int | None:
@@ -154,6 +193,11 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # host:port of the Prometheus and /healthz endpoint; "" = off
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig = ServerConfig()
@@ -162,6 +206,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     unknown_keys: tuple[str, ...] = ()
 
     def require_server(self) -> str:
@@ -246,9 +291,8 @@ class _Section:
         return [f"{self.name}.{k}" for k in self.raw if k not in self.used]
 
 
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(os.path.expanduser(value))
-    return p if p.is_absolute() else (base / p)
+def _resolve(section: _Section, key: str, base: Path, value: str) -> Path:
+    return Path(_check(section, key, value, lambda v: hostpaths.resolve(v, base)))
 
 
 def _check(section: _Section, key: str, value: Any, test: Callable[[Any], Any]) -> Any:
@@ -274,10 +318,25 @@ def _read_mounts(path: Path, base: Path, raw: Any) -> tuple[Mount, ...]:
             raise s.fail("container", f"must be an absolute path (got {container!r})")
         if container.rstrip("/") in ("", "/workspace") or container.startswith("/workspace/"):
             raise s.fail("container", "must not be / or inside /workspace, which holds the task")
-        mounts.append(Mount(_resolve(base, host), container, s.boolean("readonly", True)))
+        mounts.append(Mount(_resolve(s, "host", base, host), container, s.boolean("readonly", True)))
         for key in s.unknown():
             raise ConfigError(f"{path}: {key}: unknown mount key")
     return tuple(mounts)
+
+
+def _read_gpu(path: Path, executor: _Section) -> GpuConfig | None:
+    """`gpu.vendor` / `gpu.devices` inside [executor]; a typo there must not silently mean "all GPUs"."""
+    executor.used.add("gpu")
+    g = _Section(path, "executor.gpu", executor.raw.get("gpu"))
+    vendor = g.string("vendor", None, GPU_VENDORS)
+    devices = g.string("devices", "all")
+    for key in g.unknown():
+        raise ConfigError(f"{path}: {key}: unknown key (vendor and devices are known)")
+    if vendor is None:
+        if "devices" in g.raw:
+            raise g.fail("vendor", "is required when executor.gpu.devices is set (\"nvidia\")")
+        return None
+    return GpuConfig(vendor=vendor, devices=_check(g, "devices", devices, parse_gpu_devices))
 
 
 def parse(text: str, path: Path) -> Config:
@@ -333,6 +392,8 @@ def parse(text: str, path: Path) -> Config:
         read_only=s.boolean("read_only", False),
         cap_drop=s.strings("cap_drop", ExecutorConfig.cap_drop),
         cap_add=s.strings("cap_add", ExecutorConfig.cap_add),
+        gpu=_read_gpu(path, s),
+        enable_host_access=s.boolean("enable_host_access", False),
     )
     if not executor.image:
         raise s.fail("image", "must not be empty")
@@ -340,6 +401,10 @@ def parse(text: str, path: Path) -> Config:
         raise s.fail("working_dir", f"must be an absolute path (got {executor.working_dir!r})")
     if executor.executor_type == "custom" and not executor.custom_entrypoint:
         raise s.fail("custom_entrypoint", "is required when executor_type = \"custom\"")
+    if executor.enable_host_access and (executor.network_mode in ("none", "host")
+                                        or executor.network_mode.startswith("container:")):
+        raise s.fail("enable_host_access", f"needs a network of the task's own; network_mode = "
+                     f"{executor.network_mode!r} has none (use \"bridge\" or a user-defined network)")
     if executor.network_mode == "host":
         log.warning("%s: executor.network_mode = \"host\" gives tasks the host's network", path)
     unknown += s.unknown()
@@ -356,7 +421,7 @@ def parse(text: str, path: Path) -> Config:
     s = _Section(path, "paths", doc.get("paths"))
     s.used.add("mounts")
     paths = PathsConfig(
-        data_dir=_resolve(base, s.string("data_dir", "./data") or "./data"),
+        data_dir=_resolve(s, "data_dir", base, s.string("data_dir", "./data") or "./data"),
         mounts=_read_mounts(path, base, s.raw.get("mounts")),
         keep_workspaces=s.string("keep_workspaces", "none", KEEP_WORKSPACES),
         min_free_disk_mb=s.number("min_free_disk_mb", 1024, minimum=0, integer=True),
@@ -370,10 +435,17 @@ def parse(text: str, path: Path) -> Config:
     )
     unknown += s.unknown()
 
-    known_sections = {"server", "agent", "executor", "limits", "paths", "logging"}
+    s = _Section(path, "metrics", doc.get("metrics"))
+    listen = s.string("listen", "")
+    if listen:
+        _check(s, "listen", listen, parse_listen)
+    metrics_cfg = MetricsConfig(listen=listen)
+    unknown += s.unknown()
+
+    known_sections = {"server", "agent", "executor", "limits", "paths", "logging", "metrics"}
     unknown += [k for k in doc if k not in known_sections]
     return Config(path=path, server=server, agent=agent, executor=executor, limits=limits,
-                  paths=paths, logging=logging_cfg, unknown_keys=tuple(unknown))
+                  paths=paths, logging=logging_cfg, metrics=metrics_cfg, unknown_keys=tuple(unknown))
 
 
 def load(path: Path | str) -> Config:
@@ -406,10 +478,13 @@ def update(path: Path | str, changes: dict[str, Any]) -> None:
     except (OSError, TOMLKitError) as e:
         raise ConfigError(f"cannot update {path}: {e}") from None
     for dotted, value in changes.items():
-        section, key = dotted.split(".", 1)
-        if section not in doc:
-            doc[section] = tomlkit.table()
-        doc[section][key] = value
+        *tables, key = dotted.split(".")  # "executor.gpu.vendor" is a key of the [executor.gpu] table
+        table = doc
+        for name in tables:
+            if name not in table:
+                table[name] = tomlkit.table()
+            table = table[name]
+        table[key] = value
     text = tomlkit.dumps(doc)
     parse(text, path.absolute())  # never write a file we could not load back
     write_atomic(path, text)

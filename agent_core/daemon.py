@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 
-from agent_core import process
+from agent_core import metrics, process
 from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import EXIT_FAILURE
@@ -25,12 +25,14 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
     pidfile = process.PidFile(data_dir)
     pidfile.acquire()
     abort = threading.Event()
-    executor = client = None
+    executor = client = metrics_server = None
     try:
         executor = DockerExecutor(pool_size=cfg.executor.capacity + DOCKER_POOL_MARGIN)
         executor.ping()
+        executor.check_gpu(cfg.executor.gpu)
         client = Client.from_config(cfg, abort=abort)
         scheduler = Scheduler(cfg, client, executor, burst=burst)
+        metrics_server = metrics.start(cfg, client, executor, scheduler)  # None unless [metrics] listen
 
         def on_signal(signum: int, _frame: object) -> None:
             scheduler.request_stop()
@@ -46,6 +48,8 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
                 signal.signal(s, handler)
     finally:
         abort.set()
+        if metrics_server is not None:
+            metrics_server.close()
         if client is not None:
             client.close()
         if executor is not None:

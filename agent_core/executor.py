@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import platform
 import re
 import threading
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ import docker
 import docker.errors
 import requests
 import urllib3.exceptions
-from docker.types import LogConfig
+from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
-from agent_core.config import Config
+from agent_core import hostpaths
+from agent_core.config import Config, GpuConfig
 from agent_core.errors import (
     ConfigError,
     ContainerVanished,
@@ -62,11 +64,13 @@ __all__ = [
     "ContainerSpec",
     "Exit",
     "Found",
+    "GpuVerdict",
     "SavedLogs",
     "DockerExecutor",
     "build_spec",
     "container_name",
     "create_kwargs",
+    "gpu_verdict",
 ]
 
 LABEL_MANAGED = "agent-core.managed"
@@ -75,6 +79,7 @@ LABEL_TASK = "agent-core.task_id"
 CONTAINER_PREFIX = "agent-core-"
 WORKSPACE_MOUNT = "/workspace"
 NO_NEW_PRIVILEGES = "no-new-privileges"
+HOST_ALIAS = "host.docker.internal"  # what Docker Desktop calls the host; `host-gateway` gives it on Linux
 # The engine's json-file log holds stdout and stderr together, JSON-wrapped line by line
 # (about 1.8x for 100-byte lines). Files of 2 * log_max_bytes, three of them, keep the last
 # 4-6 * log_max_bytes of JSON per container: enough, usually, for log_max_bytes of each stream,
@@ -132,16 +137,19 @@ class ContainerSpec:
     security_opt: tuple[str, ...] = (NO_NEW_PRIVILEGES,)
     log_max_size: int = 10 * 1024 * 1024
     log_max_files: int = LOG_MAX_FILES
+    gpu_driver: str | None = None  # set: request GPUs through this device driver
+    gpu_device_ids: tuple[str, ...] = ()  # with gpu_driver: () = every GPU
+    extra_hosts: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Read-only views, so a spec cannot change after it was built.
-        for name in ("environment", "labels", "tmpfs"):
+        for name in ("environment", "labels", "tmpfs", "extra_hosts"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         for name in ("entrypoint", "command"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
-        for name in ("binds", "cap_drop", "cap_add", "security_opt"):
+        for name in ("binds", "cap_drop", "cap_add", "security_opt", "gpu_device_ids"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if NO_NEW_PRIVILEGES not in self.security_opt:
             object.__setattr__(self, "security_opt", self.security_opt + (NO_NEW_PRIVILEGES,))
@@ -174,12 +182,12 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
     workspace = Path(workspace).absolute()
     if not workspace.is_dir():
         raise WorkspaceError(f"workspace {workspace} does not exist or is not a directory")
-    binds = [Bind(str(workspace), WORKSPACE_MOUNT, readonly=False)]
+    binds = [Bind(hostpaths.bind_source(workspace), WORKSPACE_MOUNT, readonly=False)]
     for i, mount in enumerate(cfg.paths.mounts):
         host = Path(mount.host)
         if not host.exists():
             raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {host} does not exist")
-        binds.append(Bind(str(host), mount.container, readonly=mount.readonly))
+        binds.append(Bind(hostpaths.bind_source(host), mount.container, readonly=mount.readonly))
 
     labels: dict[str, str] = {}
     for key, value in (extra_labels or {}).items():
@@ -209,6 +217,9 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
         security_opt=(NO_NEW_PRIVILEGES,),
         log_max_size=max(LOG_FILE_FACTOR * cfg.limits.log_max_bytes, MIN_LOG_FILE_BYTES),
         log_max_files=LOG_MAX_FILES,
+        gpu_driver=ex.gpu.vendor if ex.gpu else None,
+        gpu_device_ids=(ex.gpu.device_ids or ()) if ex.gpu else (),
+        extra_hosts={HOST_ALIAS: "host-gateway"} if ex.enable_host_access else {},
     )
 
 
@@ -251,7 +262,44 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["user"] = spec.user
     if spec.tmpfs:
         kwargs["tmpfs"] = dict(spec.tmpfs)
+    if spec.gpu_driver:
+        ids = list(spec.gpu_device_ids)
+        kwargs["device_requests"] = [DeviceRequest(driver=spec.gpu_driver, count=0 if ids else -1,
+                                                   device_ids=ids or None, capabilities=[["gpu"]])]
+    if spec.extra_hosts:
+        kwargs["extra_hosts"] = dict(spec.extra_hosts)
     return kwargs
+
+
+@dataclass(frozen=True)
+class GpuVerdict:
+    """The start-up GPU precheck's decision: level is "ok", "warn" or "refuse"."""
+
+    level: str
+    message: str
+
+
+def gpu_verdict(gpu: GpuConfig | None, engine_info: Mapping[str, Any], os_name: str) -> GpuVerdict:
+    """Decide from `docker info` and `platform.system()` whether configured GPUs can work.
+
+    Linux may still get GPUs without a registered "nvidia" runtime (the toolkit's hook serves
+    `--gpus` too), so there it is a warning; Docker Desktop on macOS or Windows has nothing
+    else to offer, so there the agent refuses to start rather than fail every task.
+    """
+    if gpu is None:
+        return GpuVerdict("ok", "no GPUs configured")
+    runtimes = sorted((engine_info.get("Runtimes") or {}).keys())
+    wanted = f"GPUs {gpu.devices}"
+    if gpu.vendor in runtimes:
+        return GpuVerdict("ok", f"{gpu.vendor} runtime present ({wanted})")
+    missing = (f"executor.gpu: the Docker engine has no {gpu.vendor} runtime "
+               f"(runtimes: {', '.join(runtimes) or 'none'})")
+    if os_name == "Linux":
+        return GpuVerdict("warn", f"{missing}; GPU tasks may fail: install the NVIDIA Container Toolkit, "
+                                  "run `nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
+    return GpuVerdict("refuse", f"{missing} and none can be added on {os_name}: run the agent on a Linux "
+                                "host with the NVIDIA Container Toolkit (or in WSL 2 with Docker's GPU "
+                                "support), or remove executor.gpu")
 
 
 # --- results ----------------------------------------------------------------
@@ -467,6 +515,22 @@ class DockerExecutor:
             if isinstance(e, DockerUnavailable):
                 raise
             raise DockerUnavailable(f"Docker engine not reachable at {self.where}: {e}") from None
+
+    def info(self) -> dict[str, Any]:
+        """`docker info`: ServerVersion, Runtimes, OSType, ..."""
+        client = self._api()
+        with self._do("read the engine info"):
+            return client.api.info()
+
+    def check_gpu(self, gpu: GpuConfig | None) -> None:
+        """The start-up precheck: log a warning, or raise ExecutorError when tasks could never get GPUs."""
+        if gpu is None:
+            return
+        verdict = gpu_verdict(gpu, self.info(), platform.system())
+        if verdict.level == "refuse":
+            raise ExecutorError(verdict.message)
+        if verdict.level == "warn":
+            log.warning("%s", verdict.message)
 
     def image_present(self, image: str) -> bool:
         client = self._api()

@@ -62,17 +62,29 @@ class TaskRecord:
         data["task"] = Task.from_json(data["task"])
         data["stage"] = Stage[data["stage"]]
         data["completion"] = Completion.from_json(data["completion"]) if data.get("completion") else None
-        return cls(**data)
+        record = cls(**data)
+        # the fields later code relies on without checking (replay sorts by accepted_at)
+        if isinstance(record.accepted_at, bool) or not isinstance(record.accepted_at, (int, float)):
+            raise ValueError("accepted_at is not a number")
+        if not (isinstance(record.uploads, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in record.uploads.items())):
+            raise ValueError("uploads is not a map of paths to file ids")
+        if record.container_id is not None and not isinstance(record.container_id, str):
+            raise ValueError("container_id is not a string")
+        return record
 
 
 class Journal:
-    """Records under `<data_dir>/journal/`, named by task id (already checked safe by the caller)."""
+    """Records under `<data_dir>/journal/`, named by task id (checked safe by the caller, and
+    here again: a record must never be written or removed outside the journal folder)."""
 
     def __init__(self, data_dir: Path):
         self.dir = Path(data_dir) / "journal"
         self.corrupt_dir = self.dir / "corrupt"
 
     def _path(self, task_id: str) -> Path:
+        if not task_id or task_id.startswith(".") or any(c in task_id for c in "/\\\0"):
+            raise JournalError(f"task id {task_id[:40]!r} cannot name a journal record")
         return self.dir / f"{task_id}.json"
 
     def save(self, record: TaskRecord) -> None:
@@ -94,10 +106,15 @@ class Journal:
         """Every readable record, oldest first; unreadable ones are set aside with a warning."""
         if not self.dir.is_dir():
             return []
+        for tmp in self.dir.glob(".*.tmp"):  # a write_atomic cut short by a crash
+            tmp.unlink(missing_ok=True)
         records = []
         for path in sorted(self.dir.glob("*.json")):
             try:
-                records.append(TaskRecord.from_json(json.loads(path.read_text(encoding="utf-8"))))
+                record = TaskRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+                if self._path(record.task_id).name != path.name:
+                    raise ValueError(f"it holds task {record.task_id[:40]!r}")
+                records.append(record)
             except (OSError, ValueError, KeyError, TypeError, AgentError) as e:
                 self._set_aside(path, e)
         return sorted(records, key=lambda r: r.accepted_at)

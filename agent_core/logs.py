@@ -7,13 +7,20 @@ server echoing a request, an exception holding a header).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 from typing import IO
 
 MASK = "***"
+
+# The task a thread works for: a runner sets it, so every line it logs, whichever
+# module logs it (a client retry, a Docker call), carries the task id.
+current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
+_EXC = logging.Formatter()
 
 
 class RedactSecrets(logging.Filter):
@@ -27,6 +34,19 @@ class RedactSecrets(logging.Filter):
             redacted = mask(message, *self.secrets)
             if redacted != message:
                 record.msg, record.args = redacted, None
+            if record.exc_info and not record.exc_text:  # formatters reuse exc_text: mask it once here
+                record.exc_text = _EXC.formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = mask(record.exc_text, *self.secrets)
+        return True
+
+
+class TaskContext(logging.Filter):
+    """Gives a record logged in a task's thread that task's id (unless it names one already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "task_id", None):
+            record.task_id = current_task.get()
         return True
 
 
@@ -51,19 +71,51 @@ class JsonFormatter(logging.Formatter):
         task_id = getattr(record, "task_id", None)
         if task_id:
             entry["task_id"] = task_id
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT lines; a task's line whose message does not name the task gets "task <id>: " first."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        task_id = getattr(record, "task_id", None)
+        if task_id and task_id not in record.message:
+            return f"{line[:len(line) - len(record.message)]}task {task_id}: {record.message}"
+        return line
+
+
+def _log_uncaught(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception becomes a log line (one JSON object in json format), not bare stderr."""
+    if issubclass(args.exc_type, SystemExit):
+        return
+    logging.getLogger("agent_core").critical(
+        "uncaught exception in thread %s", args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def make_handler(fmt: str = "text", *, stream: IO[str] | None = None,
+                 secrets: list[str] | None = None) -> logging.Handler:
+    """The one handler `setup` installs: text or JSON lines, task ids filled in, secrets masked."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TaskContext())
+    handler.addFilter(RedactSecrets(secrets or []))
+    return handler
+
+
 def setup(level: str = "info", fmt: str = "text", *, stream: IO[str] | None = None,
           secrets: list[str] | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    handler.addFilter(RedactSecrets(secrets or []))
+    handler = make_handler(fmt, stream=stream, secrets=secrets)
+    threading.excepthook = _log_uncaught
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -3,11 +3,14 @@
 One daemon per data dir. The pidfile is also an flock: the kernel drops the
 lock when the process dies, even by SIGKILL, so "is the lock held" tells
 liveness without trusting a pid that may have been reused.
+
+Windows differs in three places, kept together in "the OS differences" below: the lock
+(msvcrt), the detach (process creation flags) and the stop signal (CTRL_BREAK_EVENT, else
+terminate).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -28,6 +31,54 @@ log = logging.getLogger(__name__)
 PIDFILE = "agent.pid"
 LOGFILE = "agent.log"
 STATUSFILE = "status.json"
+
+# --- the OS differences (the Windows half cannot be tested on Linux: keep it this small) ---
+
+if os.name == "nt":  # pragma: no cover
+    import msvcrt
+
+    _LOCK_OFFSET = 1 << 20  # a byte past the pid text: msvcrt locks block reads of the locked range
+    # no console to lose, and a process group of its own for CTRL_BREAK_EVENT
+    _DETACH: dict[str, Any] = {
+        "creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP}
+
+    def _try_lock(fd: int, exclusive: bool) -> bool:
+        """msvcrt locks are always exclusive: a probe (`exclusive=False`) takes and drops one."""
+        os.lseek(fd, _LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        if not exclusive:
+            os.lseek(fd, _LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return True
+
+    def _send_stop(proc: psutil.Process) -> str:
+        """CTRL_BREAK_EVENT (SIGBREAK in the agent) reaches only a process on our console; otherwise
+        terminate it (its tasks are recovered from the journal at the next start)."""
+        try:
+            proc.send_signal(signal.CTRL_BREAK_EVENT)
+            return "CTRL_BREAK_EVENT"
+        except (OSError, psutil.AccessDenied):
+            proc.terminate()
+            return "terminate"
+else:
+    import fcntl
+
+    _DETACH: dict[str, Any] = {"start_new_session": True}  # the terminal's SIGHUP and Ctrl+C do not reach it
+
+    def _try_lock(fd: int, exclusive: bool) -> bool:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _send_stop(proc: psutil.Process) -> str:
+        proc.send_signal(signal.SIGTERM)
+        return "SIGTERM"
 
 
 def ensure_data_dir(data_dir: Path) -> Path:
@@ -54,10 +105,7 @@ def _lock_held(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        return not _try_lock(fd, exclusive=False)
     finally:
         os.close(fd)
 
@@ -80,18 +128,17 @@ class PidFile:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd, exclusive=True):
             os.close(fd)
             pid = _read_pid(self.path)
             raise AlreadyRunning(f"an agent is already running for data dir {self.path.parent}"
-                                 f"{f' (pid {pid})' if pid else ''}") from None
+                                 f"{f' (pid {pid})' if pid else ''}")
         stale = os.read(fd, 64).strip()
         if stale:
             log.info("removed stale pidfile %s (%s)", self.path, stale.decode(errors="replace"))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)  # not pwrite: Windows has none
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -99,7 +146,7 @@ class PidFile:
             return
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # Windows cannot remove an open file; stale is harmless
             pass
         os.close(self._fd)
         self._fd = None
@@ -156,7 +203,7 @@ def detach(config_path: Path, data_dir: Path, run_args: list[str], timeout: floa
     with open(log_path, "ab") as log_file:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+                                close_fds=True, **_DETACH)
 
     def up() -> bool:
         status = read_status(data_dir) or {}
@@ -182,10 +229,10 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
 
     def signal_step(step: str) -> None:
         try:
-            proc.send_signal(signal.SIGTERM)
+            how = _send_stop(proc)
         except psutil.NoSuchProcess:
             return
-        say(f"sent SIGTERM to pid {pid}: {step}")
+        say(f"sent {how} to pid {pid}: {step}")
 
     signal_step("draining running tasks")
     if force:

@@ -49,6 +49,7 @@ class Agent:
         config.init(self.config_path, base_url=server_url)
         service = dev_client.create_service(f"svc-{root.name}")
         self.service_id = service["id"]
+        self.token = service["registration_token"]  # for tests that check it never leaks
         config.update(self.config_path, {"paths.data_dir": str(root / "data"), **settings})
         agent_cli("register", "--token", service["registration_token"], config_path=self.config_path,
                   check=True)

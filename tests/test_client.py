@@ -1,0 +1,664 @@
+"""agent_core.client.Client against the local OpenAaaS server: every endpoint and error case of protocol.md §2.
+
+Real HTTP on 127.0.0.1 throughout; faults come from the server's `.faults` knobs,
+and the few answers the dev server never gives (204 on poll, plain-text bodies
+on demand) from a canned one-answer server below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import pytest
+
+from agent_core import config
+from agent_core.client import Client
+from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
+                               WorkspaceError)
+from agent_core.protocol import Completion, Heartbeat, PollResult, Registration
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Service(NamedTuple):
+    id: str
+    api_key: str
+
+
+def register(server, dev_client, name: str = "svc", capacity: int = 2) -> Service:
+    svc = dev_client.create_service(name)
+    with Client(server.url) as client:
+        reg = client.register(svc["registration_token"], capacity)
+    return Service(reg.service_id, reg.api_key)
+
+
+@pytest.fixture
+def service(dev_server, dev_client) -> Service:
+    return register(dev_server, dev_client)
+
+
+@pytest.fixture
+def client(dev_server, service) -> Iterator[Client]:
+    with Client(dev_server.url, service_id=service.id, api_key=service.api_key) as c:
+        yield c
+
+
+def statuses(server, suffix: str) -> list[int | None]:
+    return [c.status for c in server.calls_to(suffix)]
+
+
+def running_task(client: Client, dev_client, service: Service, **submit) -> dict:
+    task = dev_client.submit_task(service.id, "work", **submit)
+    assert client.accept(task["id"]) is True
+    return task
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        while chunk := src.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Canned(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _CannedServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, content_type, body = self.server.answer
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+
+class _CannedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    answer: tuple[int, str | None, bytes]
+
+
+@pytest.fixture
+def canned() -> Iterator[Callable[..., str]]:
+    """canned(status, body=b"", content_type=None) -> URL of a server giving that answer to every request."""
+    servers: list[tuple[_CannedServer, threading.Thread]] = []
+
+    def make(status: int, body: bytes = b"", content_type: str | None = None) -> str:
+        httpd = _CannedServer(("127.0.0.1", 0), _Canned)
+        httpd.answer = (status, content_type, body)
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append((httpd, thread))
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield make
+    for httpd, thread in servers:
+        httpd.shutdown()
+        thread.join()
+        httpd.server_close()
+
+
+# --------------------------------------------------------------------------- register
+
+
+def test_register_returns_a_typed_registration_and_sends_the_capacity(dev_server, dev_client):
+    svc = dev_client.create_service("echo")
+    with Client(dev_server.url + "/") as client:
+        reg = client.register(svc["registration_token"], 3)
+    assert isinstance(reg, Registration)
+    assert reg.service_id == svc["id"] and reg.name == "echo"
+    assert reg.api_key.startswith("ak_agent_") and reg.api_key not in repr(reg)
+    assert dev_server.get_service(svc["id"])["capacity"] == 3
+    assert [c.path for c in dev_server.calls_to("/register")] == ["/api/v1/agent/register"]
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("reused", 404, "unknown or already used"),
+    ("unknown", 404, "unknown or already used"),
+    ("revoked", 403, "revoked"),
+    ("malformed", 400, "malformed"),
+    ("active", 409, "already active"),
+])
+def test_register_refusals_are_one_clear_message_and_not_retried(dev_server, dev_client, case, status, words):
+    svc = dev_client.create_service("svc")
+    token = svc["registration_token"]
+    if case == "reused":
+        with Client(dev_server.url) as client:
+            client.register(token, 1)
+    elif case == "unknown":
+        token = "rt_" + "0" * 32
+    elif case == "revoked":
+        dev_server.revoke_service(svc["id"])
+    else:  # the client never sends a malformed body, and 409 is rare: the server is told to answer so
+        dev_server.faults.fail_next(1, status=status, path_contains="/register")
+    before = len(dev_server.calls_to("/register"))
+
+    with Client(dev_server.url) as client, pytest.raises(ServerRejected) as err:
+        client.register(token, 1)
+    assert err.value.status == status and err.value.endpoint == "register"
+    message = str(err.value)
+    assert words in message and f"({status})" in message and "\n" not in message
+    assert token not in message
+    assert len(dev_server.calls_to("/register")) == before + 1
+
+
+def test_register_retries_5xx_then_succeeds(dev_server, dev_client):
+    svc = dev_client.create_service("svc")
+    dev_server.faults.fail_next(2, status=500, path_contains="/register")
+    with Client(dev_server.url) as client:
+        reg = client.register(svc["registration_token"], 1)
+    assert reg.service_id == svc["id"]
+    assert statuses(dev_server, "/register") == [500, 500, 200]
+
+
+def test_register_gives_up_after_a_few_5xx(dev_server, dev_client):
+    svc = dev_client.create_service("svc")
+    dev_server.faults.fail_next(10, status=503, path_contains="/register")
+    with Client(dev_server.url) as client, pytest.raises(ServerUnavailable) as err:
+        client.register(svc["registration_token"], 1)
+    assert err.value.status == 503 and "503" in str(err.value)
+    assert statuses(dev_server, "/register") == [503] * 4
+
+
+def test_register_with_the_server_unreachable_names_the_url():
+    url = f"http://127.0.0.1:{closed_port()}"
+    with Client(url) as client, pytest.raises(ServerUnavailable) as err:
+        client.register("rt_" + "1" * 32, 1)
+    assert url in str(err.value) and "rt_" not in str(err.value)
+
+
+def test_tls_to_a_plain_http_server_is_a_clear_error(dev_server):
+    url = dev_server.url.replace("http://", "https://")
+    with Client(url) as client, pytest.raises(ServerUnavailable) as err:
+        client.register("rt_" + "1" * 32, 1)
+    message = str(err.value)
+    assert url in message and "TLS error" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------- poll
+
+
+def test_poll_with_nothing_to_do(client, dev_server):
+    assert client.poll(0, 2) == PollResult()
+    (call,) = dev_server.calls_to("/poll")
+    assert call.status == 200 and call.body == {"current_load": 0, "available_capacity": 2}
+
+
+def test_poll_204_means_nothing_to_do(canned):
+    with Client(canned(204), service_id="s", api_key="ak_agent_x") as client:
+        assert client.poll(1, 2) == PollResult()
+
+
+def test_poll_offers_a_task_with_null_session_and_its_input_files(client, dev_client, service):
+    task = dev_client.submit_task(service.id, "hello", output_prompt="a poem",
+                                  files=[("a.txt", b"alpha"), ("b.bin", b"\0" * 10)])
+    offered = client.poll(0, 2).task
+    assert offered is not None and offered.id == task["id"]
+    assert offered.task_prompt == "hello" and offered.output_prompt == "a poem"
+    assert offered.session_id is None
+    assert [(f.filename, f.size_bytes) for f in offered.input_files] == [("a.txt", 5), ("b.bin", 10)]
+
+
+def test_poll_tolerates_missing_input_files(client, dev_server, service):
+    dev_server.faults.offer_raw_task(service.id, {"id": "raw-1", "task_prompt": "p", "session_id": None})
+    offered = client.poll(0, 1).task
+    assert offered is not None and offered.id == "raw-1" and offered.input_files == ()
+
+
+def test_poll_reports_a_cancel(client, dev_client, service):
+    task = running_task(client, dev_client, service)
+    dev_client.cancel_task(task["id"])
+    result = client.poll(1, 2)
+    assert result.cancel_task_id == task["id"] and result.task is None
+
+
+def test_poll_garbage_is_a_protocol_violation_and_poll_is_not_retried(client, dev_server):
+    dev_server.faults.garbage_next(1, path_contains="/poll")
+    with pytest.raises(ProtocolViolation):
+        client.poll(0, 1)
+    assert statuses(dev_server, "/poll") == [200]
+
+
+# --------------------------------------------------------------------------- accept
+
+
+def test_accept_is_true_then_false_for_a_task_no_longer_pending(client, dev_client, service, dev_server):
+    task = dev_client.submit_task(service.id, "x")
+    assert client.accept(task["id"]) is True
+    assert dev_client.get_task(task["id"])["status"] == "running"
+    assert client.accept(task["id"]) is False  # the server's 400
+    assert client.accept("no-such-task") is False
+    assert statuses(dev_server, "/accept") == [200, 400, 400]
+
+
+def test_accept_409_means_not_ours(client, dev_client, service, dev_server):
+    task = dev_client.submit_task(service.id, "x")
+    dev_server.faults.fail_next(1, status=409, path_contains="/accept")
+    assert client.accept(task["id"]) is False
+    assert statuses(dev_server, "/accept") == [409]
+
+
+def test_accept_retried_after_a_dropped_connection(client, dev_client, service, dev_server):
+    task = dev_client.submit_task(service.id, "x")
+    dev_server.faults.drop_next(1, path_contains="/accept")
+    assert client.accept(task["id"]) is True
+    assert statuses(dev_server, "/accept") == [None, 200]
+    assert dev_client.get_task(task["id"])["status"] == "running"
+
+
+def test_accept_whose_reply_was_lost_after_the_server_took_it(dev_server, dev_client, service):
+    # the first attempt times out on our side while the server goes on and accepts;
+    # the retry then meets "not pending" (400), which here means "ours already"
+    task = dev_client.submit_task(service.id, "x")
+    dev_server.faults.delay_next(1, 0.3, path_contains="/accept")
+    with Client(dev_server.url, service_id=service.id, api_key=service.api_key, read_timeout=0.1) as client:
+        assert client.accept(task["id"]) is True
+    assert statuses(dev_server, "/accept") == [200, 400]
+    assert dev_client.get_task(task["id"])["status"] == "running"
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_download_streams_to_disk(client, dev_client, service, tmp_path):
+    data = os.urandom(3 * MiB + 17)  # several chunks
+    task = running_task(client, dev_client, service, files=[("in.bin", data)])
+    (f,) = dev_client.list_files(task["id"])
+    dest = tmp_path / "in.bin"
+    assert client.download(f["id"], dest, max_bytes=len(data)) == len(data)
+    assert dest.read_bytes() == data
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644  # the container may run as another user
+
+
+def test_download_larger_than_max_bytes_fails(client, dev_client, service, dev_server, tmp_path):
+    task = running_task(client, dev_client, service, files=[("in.bin", b"x" * 1000)])
+    (f,) = dev_client.list_files(task["id"])
+    with pytest.raises(WorkspaceError, match="max_input_bytes"):
+        client.download(f["id"], tmp_path / "in.bin", max_bytes=999)
+    assert statuses(dev_server, "/download") == [200]
+
+
+def test_endless_download_stops_at_max_bytes(client, dev_server, tmp_path):
+    dev_server.faults.endless_download("endless")
+    dest = tmp_path / "endless.bin"
+    with pytest.raises(WorkspaceError, match="max_input_bytes"):
+        client.download("endless", dest, max_bytes=5 * MiB)
+    assert dest.stat().st_size <= 5 * MiB
+    assert len(dev_server.calls_to("/download")) == 1  # a limit is final, not retried
+
+
+@pytest.mark.parametrize("whose, status", [("unknown", 404), ("foreign", 403)])
+def test_download_refused_is_final(client, dev_server, dev_client, tmp_path, whose, status):
+    file_id = "no-such-file"
+    if whose == "foreign":
+        other = dev_client.submit_task(dev_client.create_service("other")["id"], "x", files=[("a", b"a")])
+        file_id = dev_client.list_files(other["id"])[0]["id"]
+    with pytest.raises(ServerRejected) as err:
+        client.download(file_id, tmp_path / "x", max_bytes=MiB)
+    assert err.value.status == status
+    assert statuses(dev_server, "/download") == [status]
+
+
+# --------------------------------------------------------------------------- upload
+
+
+def test_upload_sends_task_id_before_the_file(client, dev_client, service, dev_server, tmp_path):
+    task = running_task(client, dev_client, service)
+    src = tmp_path / "report.md"
+    src.write_bytes(b"# report\n" * 1000)
+    up = client.upload(task["id"], "output/report.md", lambda: open(src, "rb"))
+    assert up.filename == "output/report.md" and up.size_bytes == src.stat().st_size
+    (call,) = dev_server.calls_to("/upload")
+    assert call.status == 200  # the server answers 400 when the file part comes first
+    assert call.body == {"fields": {"task_id": task["id"]},
+                         "files": [{"name": "file", "filename": "output/report.md",
+                                    "size_bytes": src.stat().st_size}]}
+    (stored,) = [f for f in dev_client.list_files(task["id"]) if f["created_by"] == "agent"]
+    assert stored["id"] == up.file_id
+    assert dev_client.download_file(up.file_id, tmp_path / "back").read_bytes() == src.read_bytes()
+
+
+def test_upload_retried_on_5xx_reopens_the_file(client, dev_client, service, dev_server, tmp_path):
+    task = running_task(client, dev_client, service)
+    src = tmp_path / "out.txt"
+    src.write_bytes(b"payload")
+    opened = []
+
+    def open_file():
+        opened.append(1)
+        return open(src, "rb")
+
+    dev_server.faults.fail_next(1, status=500, path_contains="/upload")
+    up = client.upload(task["id"], "out.txt", open_file)
+    assert up.size_bytes == 7 and len(opened) == 2
+    assert statuses(dev_server, "/upload") == [500, 200]
+
+
+def test_upload_over_the_servers_size_limit_is_refused_once(make_dev_server, tmp_path):
+    from agent_core.devclient import DevClient
+
+    server = make_dev_server(max_file_bytes=1024)
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"x" * 4096)
+    with DevClient(server.url, server.admin_key) as dev:
+        svc = register(server, dev)
+        with Client(server.url, service_id=svc.id, api_key=svc.api_key) as client:
+            task = running_task(client, dev, svc)
+            with pytest.raises(ServerRejected) as err:
+                client.upload(task["id"], "big.bin", lambda: open(src, "rb"))
+    assert err.value.status == 400 and "limit" in str(err.value)
+    assert statuses(server, "/upload") == [400]
+
+
+# --------------------------------------------------------------------------- complete
+
+
+def test_complete(client, dev_client, service, dev_server, tmp_path):
+    task = running_task(client, dev_client, service)
+    src = tmp_path / "o.txt"
+    src.write_bytes(b"o")
+    up = client.upload(task["id"], "output/o.txt", lambda: open(src, "rb"))
+    client.complete(Completion(task["id"], "completed", output={"files": ["output/o.txt"], "stdout": "hi"},
+                               file_ids=(up.file_id,)))
+    done = dev_client.get_task(task["id"])
+    assert done["status"] == "completed"
+    assert done["output"] == {"files": ["output/o.txt"], "stdout": "hi", "file_ids": [up.file_id]}
+    assert statuses(dev_server, "/complete") == [200]
+
+
+def test_complete_400_is_task_gone_and_final(client, dev_client, service, dev_server):
+    task = running_task(client, dev_client, service)
+    client.complete(Completion(task["id"], "failed", error_message="boom"))
+    with pytest.raises(TaskGone) as err:
+        client.complete(Completion(task["id"], "completed"))  # already terminal
+    assert err.value.status == 400 and "invalid status transition" in str(err.value)
+    with pytest.raises(TaskGone):
+        client.complete(Completion("no-such-task", "completed"))
+    assert statuses(dev_server, "/complete") == [200, 400, 400]
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+
+def test_heartbeat(client, dev_server, service):
+    client.heartbeat(Heartbeat("busy", 2, 2))
+    svc = dev_server.get_service(service.id)
+    assert svc["status"] == "busy" and svc["current_load"] == 2
+    (call,) = dev_server.calls_to("/heartbeat")
+    assert call.body == {"status": "busy", "current_load": 2, "capacity": 2, "available_capacity": 0}
+
+
+@pytest.mark.parametrize("beat", [Heartbeat("online", 3, 2), Heartbeat("online", 0, 0),
+                                  Heartbeat("online", -1, 2), Heartbeat("sleepy", 0, 1)])
+def test_heartbeat_breaking_the_rules_is_rejected(client, dev_server, beat):
+    with pytest.raises(ServerRejected) as err:
+        client.heartbeat(beat)
+    assert err.value.status == 400 and not isinstance(err.value, AuthRejected)
+    assert statuses(dev_server, "/heartbeat") == [400]
+
+
+def test_wrong_key_is_auth_rejected(dev_server, service):
+    wrong = "ak_agent_" + "f" * 32
+    with Client(dev_server.url, service_id=service.id, api_key=wrong) as client:
+        with pytest.raises(AuthRejected) as err:
+            client.heartbeat(Heartbeat("online", 0, 1))
+        assert err.value.status == 401 and wrong not in str(err.value)
+        with pytest.raises(AuthRejected):
+            client.complete(Completion("t", "completed"))  # final even for the call retried until acknowledged
+    assert statuses(dev_server, "/heartbeat") == [401] and statuses(dev_server, "/complete") == [401]
+
+
+# --------------------------------------------------------------------------- error bodies and garbage
+
+
+def test_plain_text_error_bodies_become_readable_messages(canned):
+    text = "Failed to deserialize the JSON body into the target type: missing field `status`"
+    with Client(canned(422, text.encode(), "text/plain; charset=utf-8"), service_id="s",
+                api_key="ak_agent_x") as client:
+        with pytest.raises(ServerRejected) as err:
+            client.heartbeat(Heartbeat("online", 0, 1))
+    assert err.value.status == 422 and text in str(err.value)
+
+    text = "Failed to parse the request body as JSON: expected value at line 1 column 1"
+    with Client(canned(400, text.encode(), "text/plain"), service_id="s", api_key="ak_agent_x") as client:
+        with pytest.raises(TaskGone) as err:
+            client.complete(Completion("t", "completed"))
+    assert text in str(err.value)
+
+    html = b"<html>\n<body>\n  Bad   Gateway\n</body></html>"
+    with Client(canned(502, html, "text/html"), service_id="s", api_key="ak_agent_x") as client:
+        with pytest.raises(ServerUnavailable) as err:
+            client.poll(0, 1)
+    assert err.value.status == 502 and "\n" not in str(err.value) and "Bad Gateway" in str(err.value)
+
+
+@pytest.mark.parametrize("endpoint", ["/accept", "/complete", "/register"])
+def test_garbage_200_is_retried_for_retried_calls(dev_server, dev_client, service, client, endpoint):
+    task = dev_client.submit_task(service.id, "x")
+    dev_server.faults.garbage_next(1, path_contains=endpoint)
+    if endpoint == "/register":
+        svc = dev_client.create_service("again")
+        with Client(dev_server.url) as c:
+            assert c.register(svc["registration_token"], 1).service_id == svc["id"]
+    else:
+        assert client.accept(task["id"]) is True
+        if endpoint == "/complete":
+            client.complete(Completion(task["id"], "completed"))
+            assert dev_client.get_task(task["id"])["status"] == "completed"
+    assert statuses(dev_server, endpoint)[-2:] == [200, 200]
+
+
+def test_heartbeat_does_not_depend_on_its_reply_body(client, dev_server):
+    # heartbeat reads no reply body: a garbage 200 still counts as delivered
+    dev_server.faults.garbage_next(1, path_contains="/heartbeat")
+    client.heartbeat(Heartbeat("online", 0, 1))
+    assert statuses(dev_server, "/heartbeat") == [200]
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408])
+def test_retried_on_5xx_and_408(client, dev_client, service, dev_server, status):
+    task = running_task(client, dev_client, service)
+    dev_server.faults.fail_next(2, status=status, path_contains="/complete")
+    client.complete(Completion(task["id"], "completed"))
+    assert statuses(dev_server, "/complete") == [status, status, 200]
+    assert dev_client.get_task(task["id"])["status"] == "completed"
+
+
+def test_429_honours_retry_after(client, dev_client, service, dev_server):
+    task = running_task(client, dev_client, service)
+    dev_server.faults.fail_next(1, status=429, retry_after=1, path_contains="/complete")
+    client.complete(Completion(task["id"], "completed"))
+    first, second = dev_server.calls_to("/complete")
+    assert (first.status, second.status) == (429, 200)
+    assert 0.9 <= second.time - first.time < 30  # jittered backoff alone could come after 0.5 s
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 413, 422])
+def test_other_4xx_are_never_retried(client, dev_server, status):
+    dev_server.faults.fail_next(5, status=status, path_contains="/complete")
+    with pytest.raises(ServerRejected) as err:
+        client.complete(Completion("t", "completed"))
+    assert err.value.status == status and not isinstance(err.value, TaskGone)
+    assert statuses(dev_server, "/complete") == [status]
+
+
+@pytest.mark.parametrize("call", ["poll", "heartbeat"])
+def test_poll_and_heartbeat_are_not_retried(client, dev_server, call):
+    dev_server.faults.fail_next(5, status=503, path_contains=f"/{call}")
+    with pytest.raises(ServerUnavailable):
+        client.poll(0, 1) if call == "poll" else client.heartbeat(Heartbeat("online", 0, 1))
+    assert statuses(dev_server, f"/{call}") == [503]
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+@pytest.mark.parametrize("use_system_proxy", [False, True])
+def test_use_system_proxy(dev_server, service, tmp_path, monkeypatch, use_system_proxy):
+    for name in ("http_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    path = config.init(tmp_path / "config.toml", base_url=dev_server.url)
+    config.update(path, {"server.use_system_proxy": use_system_proxy, "agent.service_id": service.id,
+                         "agent.api_key": service.api_key})
+    with Client.from_config(config.load(path)) as client:
+        if use_system_proxy:
+            with pytest.raises(ServerUnavailable):
+                client.poll(0, 1)
+            assert dev_server.calls_to("/poll") == []  # went to the (dead) proxy
+        else:
+            assert client.poll(0, 1) == PollResult()
+            assert statuses(dev_server, "/poll") == [200]
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_secrets_never_appear_in_errors_or_logs(dev_server, dev_client, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in ("agent_core", "httpx", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    errors: list[Exception] = []
+
+    def expect_error(fn: Callable[[], object]) -> None:
+        with pytest.raises(Exception) as err:
+            fn()
+        errors.append(err.value)
+
+    svc = dev_client.create_service("svc")
+    token = svc["registration_token"]
+    dev_server.faults.fail_next(1, status=500, path_contains="/register")
+    with Client(dev_server.url) as anonymous:
+        reg = anonymous.register(token, 2)
+        expect_error(lambda: anonymous.register(token, 2))  # used token
+    wrong_key = "ak_agent_" + "e" * 32
+    secrets = [token, reg.api_key, wrong_key]
+
+    with Client(dev_server.url, service_id=reg.service_id, api_key=reg.api_key) as client:
+        task = dev_client.submit_task(reg.service_id, "x", files=[("in.txt", b"data")])
+        assert client.poll(0, 2).task is not None
+        dev_server.faults.garbage_next(1, path_contains="/accept")
+        assert client.accept(task["id"]) is True
+        (f,) = dev_client.list_files(task["id"])
+        client.download(f["id"], tmp_path / "in.txt", max_bytes=100)
+        expect_error(lambda: client.download(f["id"], tmp_path / "in2.txt", max_bytes=1))
+        expect_error(lambda: client.download("nope", tmp_path / "x", max_bytes=1))
+        (tmp_path / "out.txt").write_text("out")
+        dev_server.faults.fail_next(1, status=503, path_contains="/upload")
+        up = client.upload(task["id"], "out.txt", lambda: open(tmp_path / "out.txt", "rb"))
+        client.heartbeat(Heartbeat("online", 1, 2))
+        expect_error(lambda: client.heartbeat(Heartbeat("online", 5, 2)))
+        dev_server.faults.fail_next(1, status=429, path_contains="/heartbeat")
+        expect_error(lambda: client.heartbeat(Heartbeat("online", 1, 2)))
+        client.complete(Completion(task["id"], "completed", file_ids=(up.file_id,)))
+        expect_error(lambda: client.complete(Completion(task["id"], "completed")))
+    with Client(dev_server.url, service_id=reg.service_id, api_key=wrong_key) as client:
+        expect_error(lambda: client.poll(0, 1))
+
+    assert any("retrying" in r.getMessage() for r in caplog.records)  # the failures were logged
+    assert len(errors) == 7
+    logged = caplog.text + "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)
+    shown = "\n".join(f"{e} {e.args!r}" for e in errors)
+    for secret in secrets:
+        assert secret not in logged and secret not in shown
+
+
+# --------------------------------------------------------------------------- memory
+
+
+TRANSFER = """
+import json, resource, sys
+from pathlib import Path
+from agent_core.client import Client
+
+a = json.loads(sys.argv[1])
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def open_source():
+    return open(a["source"], "rb")
+
+
+with Client(a["url"], service_id=a["sid"], api_key=a["key"]) as client:
+    # warm up every code path on the small file, so imports and buffers are not counted
+    client.download(a["small_id"], Path(a["dest"]), max_bytes=1 << 40)
+    client.upload(a["task_id"], "output/small.bin", lambda: open(a["dest"], "rb"))
+    base = peak_mib()
+    size = client.download(a["big_id"], Path(a["dest"]), max_bytes=1 << 40)
+    after_download = peak_mib()
+    uploaded = client.upload(a["task_id"], "output/copy.bin", open_source)
+    after_upload = peak_mib()
+print(json.dumps({"size": size, "file_id": uploaded.file_id, "uploaded_size": uploaded.size_bytes,
+                  "download_growth": after_download - base, "upload_growth": after_upload - after_download}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_200_mib_download_and_upload_keep_memory_flat(make_dev_server, tmp_path):
+    from agent_core.devclient import DevClient
+
+    server = make_dev_server(max_file_bytes=256 * MiB)
+    source = tmp_path / "source.bin"
+    block = os.urandom(MiB)
+    with open(source, "wb") as out:
+        for i in range(200):
+            out.write(i.to_bytes(4, "big") + block[4:])  # every MiB different
+    expected = sha256_file(source)
+
+    with DevClient(server.url, server.admin_key, timeout=120) as dev:
+        svc = register(server, dev)
+        task = dev.submit_task(svc.id, "big", files=[("small.bin", b"s" * 1000), ("big.bin", source)])
+        with Client(server.url, service_id=svc.id, api_key=svc.api_key) as client:
+            assert client.accept(task["id"]) is True
+        ids = {f["filename"]: f["id"] for f in dev.list_files(task["id"])}
+        dest = tmp_path / "downloaded.bin"
+        args = {"url": server.url, "sid": svc.id, "key": svc.api_key, "task_id": task["id"],
+                "small_id": ids["small.bin"], "big_id": ids["big.bin"], "source": str(source), "dest": str(dest)}
+        proc = subprocess.run([sys.executable, "-c", TRANSFER, json.dumps(args)], capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+
+        assert result["size"] == result["uploaded_size"] == 200 * MiB
+        assert sha256_file(dest) == expected
+        dest.unlink()  # disk: keep at most a few copies at once
+        assert sha256_file(dev.download_file(result["file_id"], tmp_path / "copy.bin")) == expected
+    for phase in ("download", "upload"):
+        grown = result[f"{phase}_growth"]
+        assert grown < 64, f"peak memory grew by {grown:.0f} MiB during the {phase}: the file was buffered"

@@ -1,0 +1,241 @@
+"""The task journal (durable records, replay) and the shutdown ladder, without Docker.
+
+The ladder tests drive a real `Scheduler` against the local server with a stand-in
+executor and stand-in runners, so every step and what it sends can be checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_core import config, fsutil, process
+from agent_core.client import Client
+from agent_core.errors import JournalError
+from agent_core.journal import Journal, Stage, TaskRecord
+from agent_core.protocol import Completion, InputFile, Task
+from agent_core.runner import CancelReason
+from agent_core.scheduler import CANCELLING, DRAINING, EXITING, RUNNING, ExitNow, Scheduler
+from tests.agent_fixtures import wait_until
+
+
+def record(task_id: str = "t-1", **changes) -> TaskRecord:
+    task = Task(id=task_id, task_prompt="p", output_prompt=None, session_id=None,
+                input_files=(InputFile(id="f1", filename="../a b.txt", mime_type=None, size_bytes=3),))
+    return TaskRecord(task=task, **changes)
+
+
+# --- records ------------------------------------------------------------------------
+
+
+def test_a_record_at_every_stage_round_trips(tmp_path):
+    journal = Journal(tmp_path)
+    rec = record(container_id="c" * 64, launched_at=12.5, exit_code=3, oom_killed=True,
+                 cancel_reason=CancelReason.TIMEOUT.value, error=None, uploads={"output/a": "fid-1"},
+                 completion=Completion(task_id="t-1", status="failed", output={"files": ["output/a"]},
+                                       error_message="exit code 3", file_ids=("fid-1",)))
+    for stage in Stage:
+        rec.stage = stage
+        journal.save(rec)
+        (back,) = journal.replay()
+        assert back == rec
+    assert oct(os.stat(journal.dir / "t-1.json").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(journal.dir).st_mode & 0o777) == "0o700"
+    journal.remove("t-1")
+    journal.remove("t-1")  # already gone: fine
+    assert journal.replay() == []
+
+
+def test_a_failed_write_keeps_the_previous_record_whole(tmp_path, monkeypatch):
+    journal = Journal(tmp_path)
+    journal.save(record(stage=Stage.STAGED))
+
+    def crash(*_args):
+        raise OSError(28, "No space left on device")
+
+    # the crash comes after the new text was written to the temporary file, before the rename
+    monkeypatch.setattr(fsutil.os, "replace", crash)
+    with pytest.raises(JournalError, match="No space left"):
+        journal.save(record(stage=Stage.LAUNCHED, container_id="abc"))
+    monkeypatch.undo()
+    (back,) = journal.replay()
+    assert back.stage is Stage.STAGED and back.container_id is None
+    assert [p.name for p in journal.dir.iterdir()] == ["t-1.json"]  # no temporary file left
+
+
+def test_torn_and_corrupt_records_are_set_aside_and_the_rest_replays(tmp_path, caplog):
+    journal = Journal(tmp_path)
+    journal.save(record("good"))
+    text = (journal.dir / "good.json").read_text()
+    bad = {
+        "torn.json": text[: len(text) // 2],  # a write cut short (no atomic rename)
+        "binary.json": "\xff\xfe{",  # not UTF-8
+        "stage.json": text.replace('"ACCEPTED"', '"NO_SUCH_STAGE"'),
+        "wrong-name.json": text,  # holds task "good": a copy must not run it twice
+        "list.json": "[1, 2]",
+        "when.json": json.dumps({**json.loads(text), "accepted_at": "yesterday"}),
+        "uploads.json": json.dumps({**json.loads(text), "uploads": ["output/a"]}),
+        "nested.json": json.dumps({**json.loads(text), "task": {"id": "../../etc/x"}}),
+    }
+    for name, content in bad.items():
+        (journal.dir / name).write_text(content, encoding="latin-1")
+    (journal.dir / ".good.json.abc123.tmp").write_text("half")  # a crash inside write_atomic
+    assert [r.task_id for r in journal.replay()] == ["good"]
+    assert sorted(p.name for p in journal.corrupt_dir.iterdir()) == sorted(bad)
+    assert sorted(p.name for p in journal.dir.iterdir()) == ["corrupt", "good.json"]
+    assert "torn.json is unreadable" in caplog.text
+    assert journal.replay()[0].task_id == "good"  # set aside once, not again
+
+
+def test_replay_is_oldest_first_whatever_the_names(tmp_path):
+    journal = Journal(tmp_path)
+    for name, when in (("b", 30.0), ("a", 20.0), ("c", 10.0), ("d", 40.0)):
+        journal.save(record(name, accepted_at=when))
+    assert [r.task_id for r in journal.replay()] == ["c", "a", "b", "d"]
+
+
+@pytest.mark.parametrize("task_id", ["", "..", ".hidden", "a/b", "../../etc/passwd", "a\\b", "nul\0x"])
+def test_a_record_is_never_written_or_removed_outside_the_journal(tmp_path, task_id):
+    journal = Journal(tmp_path / "data")
+    with pytest.raises(JournalError):
+        journal.save(record(task_id))
+    with pytest.raises(JournalError):
+        journal.remove(task_id)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+# --- the shutdown ladder --------------------------------------------------------------
+
+
+class NoDocker:
+    """The executor surface the scheduler touches when no task container exists."""
+
+    def managed(self, service_id=None):
+        return []
+
+    def ping(self):
+        pass
+
+
+class StandInRunner:
+    """Takes the place of a TaskRunner: records the cancel and ends when told."""
+
+    def __init__(self, scheduler: Scheduler, task_id: str, finish_on_cancel: bool = True):
+        self.scheduler, self.task_id = scheduler, task_id
+        self.phase, self.started, self.record = "running", time.time(), record(task_id)
+        self.cancelled_for: CancelReason | None = None
+        self.finish_on_cancel = finish_on_cancel
+
+    def cancel(self, reason: CancelReason) -> None:
+        self.cancelled_for = reason
+        if self.finish_on_cancel:
+            self.finish()
+
+    def finish(self) -> None:
+        self.scheduler._on_runner_done(self)
+
+
+@pytest.fixture
+def ladder(tmp_path, dev_server, dev_client):
+    """A Scheduler for a registered service on the local server, with no Docker behind it."""
+    service = dev_client.create_service("ladder")
+    with Client(dev_server.url) as anon:
+        reg = anon.register(service["registration_token"], 1)
+    path = config.init(tmp_path / "config.toml", base_url=dev_server.url)
+    config.update(path, {"agent.service_id": reg.service_id, "agent.api_key": reg.api_key,
+                         "agent.heartbeat_interval_secs": 0.2, "agent.shutdown_grace_secs": 1,
+                         "server.poll_interval_secs": 0.2, "paths.data_dir": str(tmp_path / "data"),
+                         "paths.min_free_disk_mb": 0, "executor.capacity": 1})
+    cfg = config.load(path)
+    process.ensure_data_dir(cfg.paths.data_dir)
+    client = Client.from_config(cfg)
+    scheduler = Scheduler(cfg, client, NoDocker())
+    yield scheduler
+    client.abort.set()
+    client.close()
+
+
+def heartbeats(dev_server, service_id):
+    return [c.body["status"] for c in dev_server.calls_to("/heartbeat") if service_id in c.path]
+
+
+def state(scheduler) -> str:
+    return json.loads((Path(scheduler.cfg.paths.data_dir) / process.STATUSFILE).read_text())["state"]
+
+
+def test_each_signal_is_one_step_and_the_third_exits_at_once(ladder):
+    assert ladder.step == RUNNING
+    ladder.request_stop()
+    assert (ladder.step, state(ladder)) == (DRAINING, "draining")
+    ladder.request_stop()
+    assert (ladder.step, state(ladder)) == (CANCELLING, "cancelling")
+    assert not ladder.client.abort.is_set()
+    with pytest.raises(ExitNow):
+        ladder.request_stop()
+    assert ladder.step == EXITING and ladder.client.abort.is_set()  # retries and waits end now
+
+
+def run_in_thread(scheduler) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", scheduler.run()), daemon=True)
+    thread.start()
+    wait_until(lambda: scheduler.last_poll, 10, "the first poll")
+    return thread, result
+
+
+def test_a_drain_that_outlasts_the_grace_cancels_by_itself_then_goes_offline(ladder, dev_server):
+    # Given a task that only ends when cancelled
+    thread, result = run_in_thread(ladder)
+    runner = StandInRunner(ladder, "stuck")
+    with ladder._lock:
+        ladder._runners[runner.task_id] = runner
+    # When the first signal comes and the grace (1 s) passes
+    asked = time.monotonic()
+    ladder.request_stop()
+    thread.join(15)
+    # Then the scheduler cancelled the task as "agent shutting down", no sooner than the grace
+    assert not thread.is_alive() and result["code"] == 0
+    assert runner.cancelled_for is CancelReason.AGENT_STOPPING
+    assert time.monotonic() - asked >= 1.0
+    beats = heartbeats(dev_server, ladder.service_id)
+    assert beats[-1] == "offline" and beats.count("offline") == 1
+    assert "busy" in beats  # heartbeats went on while the task drained
+
+
+def test_a_task_that_ends_within_the_grace_is_not_cancelled(ladder, dev_server):
+    thread, result = run_in_thread(ladder)
+    runner = StandInRunner(ladder, "quick")
+    with ladder._lock:
+        ladder._runners[runner.task_id] = runner
+    ladder.request_stop()
+    polls = len(dev_server.calls_to("/poll"))
+    threading.Timer(0.3, runner.finish).start()
+    thread.join(15)
+    assert not thread.is_alive() and result["code"] == 0
+    assert runner.cancelled_for is None
+    assert len(dev_server.calls_to("/poll")) <= polls + 1  # no new work is taken while draining
+    assert heartbeats(dev_server, ladder.service_id)[-1] == "offline"
+
+
+def test_the_second_signal_cancels_without_waiting_for_the_grace(ladder, dev_server):
+    ladder.cfg = dataclasses.replace(ladder.cfg, agent=dataclasses.replace(ladder.cfg.agent,
+                                                                           shutdown_grace_secs=60))
+    thread, result = run_in_thread(ladder)
+    runner = StandInRunner(ladder, "long")
+    with ladder._lock:
+        ladder._runners[runner.task_id] = runner
+    ladder.request_stop()
+    wait_until(lambda: state(ladder) == "draining", 5, "draining")
+    asked = time.monotonic()
+    ladder.request_stop()
+    thread.join(15)
+    assert not thread.is_alive() and result["code"] == 0
+    assert runner.cancelled_for is CancelReason.AGENT_STOPPING
+    assert time.monotonic() - asked < 10  # not the 60 s grace
+    assert heartbeats(dev_server, ladder.service_id)[-1] == "offline"
