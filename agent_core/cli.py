@@ -124,6 +124,7 @@ def _status(cfg: configmod.Config) -> dict[str, Any]:
 def _print_status(data: dict[str, Any]) -> None:
     daemon = data["daemon"]
     ex = data["executor"]
+    timeout = f"{ex['timeout_minutes']:g} min" if ex["timeout_minutes"] else "none"
     lines = [
         ("config", data["config"]),
         ("data dir", data["data_dir"]),
@@ -131,7 +132,7 @@ def _print_status(data: dict[str, Any]) -> None:
                    f"{data['server']['poll_interval_secs']:g} s)"),
         ("registered", f"yes, service {data['service_id']}" if data["registered"] else "no"),
         ("executor", f"{ex['executor_type']}, image {ex['image']}, capacity {ex['capacity']}, "
-                     f"timeout {ex['timeout_minutes'] or 'none'} min, memory {ex['memory_limit'] or 'no limit'}, "
+                     f"timeout {timeout}, memory {ex['memory_limit'] or 'no limit'}, "
                      f"network {ex['network_mode']}"),
         ("daemon", f"running (pid {daemon['pid']}, {daemon.get('state', 'starting')})"
                    if daemon["running"] else "not running"),

@@ -265,30 +265,37 @@ class Client:
             return PollResult()
         return PollResult.from_json(_json(r, "poll"))
 
-    def accept(self, task_id: str) -> bool:
-        """True when the task is ours now; False when it is not ours to run (400/409)."""
-        unsure = False  # an earlier attempt may have been accepted before its reply was lost
+    def _effect_once(self, kind: str, policy: RetryPolicy, payload: dict) -> ServerRejected | None:
+        """POST to a call that changes the task's state (accept, complete), with retries.
 
-        def attempt() -> bool:
+        Returns None when it took effect, else the server's 400/409 refusal. A refusal that
+        follows an attempt whose reply was lost counts as taking effect: that attempt most
+        likely went through, and the retry met its result.
+        """
+        unsure = False
+
+        def attempt() -> ServerRejected | None:
             nonlocal unsure
             try:
-                r = self._request("accept", "POST", self._agent_url("accept"), headers=self._auth(),
-                                  json={"task_id": task_id})
-                _check_reply(r, "accept")
-                return True
+                r = self._request(kind, "POST", self._agent_url(kind), headers=self._auth(), json=payload)
+                _check_reply(r, kind)
+                return None
             except ServerRejected as e:
                 if e.status in (400, 409) and not isinstance(e, AuthRejected):
-                    # a retried accept that meets "not pending" most likely won the first time
-                    return unsure
+                    return None if unsure else e
                 raise
             except ServerUnavailable as e:
                 unsure = unsure or e.status is None or e.status >= 500
                 raise
             except ProtocolViolation:
-                unsure = True  # a 200 we cannot read: the server may well have taken it
+                unsure = True  # a 200 we cannot read: the server may well have acted
                 raise
 
-        return self._call("accept", FEW, attempt)
+        return self._call(kind, policy, attempt)
+
+    def accept(self, task_id: str) -> bool:
+        """True when the task is ours now; False when it is not ours to run (400/409)."""
+        return self._effect_once("accept", FEW, {"task_id": task_id}) is None
 
     def download(self, file_id: str, dest: Path, max_bytes: int) -> int:
         """Stream one input file into `dest`; returns its size. More than `max_bytes` is an error."""
@@ -338,17 +345,9 @@ class Client:
 
     def complete(self, completion: Completion) -> None:
         """Report a task's end. Raises TaskGone when the server finally refuses it (400)."""
-        def attempt() -> None:
-            try:
-                r = self._request("complete", "POST", self._agent_url("complete"), headers=self._auth(),
-                                  json=completion.to_json())
-            except ServerRejected as e:
-                if e.status == 400:
-                    raise TaskGone(str(e), endpoint="complete", status=400) from None
-                raise
-            _check_reply(r, "complete")
-
-        self._call("complete", PERSIST, attempt)
+        refused = self._effect_once("complete", PERSIST, completion.to_json())
+        if refused is not None:
+            raise TaskGone(str(refused), endpoint="complete", status=refused.status)
 
     def heartbeat(self, beat: Heartbeat) -> None:
         self._request("heartbeat", "POST", self._agent_url("heartbeat"), headers=self._auth(),

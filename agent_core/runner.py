@@ -332,21 +332,25 @@ class TaskRunner:
             rec.cancel_reason = self._cancel_reason.value
         status, message = self._outcome()
         skipped: list[dict] = []
+        skipped_count = 0  # the list shows the first entries only; this counts them all
         uploaded: list[str] = []
         if ws.exists():
             self._phase("uploading")
             scan = wsmod.scan_outputs(ws.root, self.deps.cfg.limits)
-            skipped = list(scan.summary().get("skipped", []))
+            summary = scan.summary()
+            skipped, skipped_count = list(summary["skipped"]), summary["skipped_count"]
             for out in scan.files:
                 if out.rel not in rec.uploads:
                     reason = self._upload(out)
                     if reason:
                         skipped.append({"path": out.rel, "reason": reason})
+                        skipped_count += 1
                         continue
                 uploaded.append(out.rel)
         output: dict = {"files": uploaded, "stdout": tail_text(ws.stdout_log, STDOUT_IN_OUTPUT)}
         if skipped:
             output["skipped"] = skipped
+            output["skipped_count"] = skipped_count
         rec.completion = Completion(task_id=self.task_id, status=status, output=output,
                                     error_message=message,
                                     file_ids=tuple(rec.uploads[rel] for rel in uploaded))

@@ -138,6 +138,7 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)            # measured context, one line each
     breakdowns: dict[str, list[tuple[str, Stat]]] = field(default_factory=dict)
+    profile: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds per task)
 
     def add(self, key: str, what: str, value: str, target: str = "", ok: bool | None = None) -> None:
         row = Row(key, what, value, target, ok)
@@ -225,7 +226,7 @@ class Agent:
                *(["--burst"] if burst else [])]
         if profile is not None:
             # wall clock (--idle) of every thread: where a task waits matters more than CPU here
-            cmd = ["py-spy", "record", "--idle", "--threads", "--rate", "200", "--format", "raw",
+            cmd = ["py-spy", "record", "--idle", "--threads", "--rate", str(PROFILE_RATE), "--format", "raw",
                    "--output", str(profile), "--", *cmd]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -385,6 +386,45 @@ STAGES_BARE = (("create call → container created", "begin", "create"),
                ("removed → remove call returns", "destroy", "end"))
 
 
+PROFILE_RATE = 200  # samples per second
+# The deepest of these frames in a task thread's stack names what that thread was waiting on.
+PROFILE_CATEGORIES = {
+    "DockerExecutor.start": "Docker: start",
+    "DockerExecutor.create": "Docker: create (and inspect, as docker-py does)",
+    "DockerExecutor.wait": "Docker: wait (and inspect, for OOMKilled)",
+    "DockerExecutor.remove": "Docker: remove",
+    "DockerExecutor._inspect_attrs": "Docker: inspect before wait",
+    "DockerExecutor.save_logs": "Docker: logs (stdout, then stderr)",
+    "Journal.save": "journal writes (fsync'd)",
+    "Journal.remove": "journal writes (fsync'd)",
+    "write_status": "status file writes",
+    "Workspace.create": "workspace: create, task.json, scan, remove",
+    "Workspace.write_task_json": "workspace: create, task.json, scan, remove",
+    "scan_outputs": "workspace: create, task.json, scan, remove",
+    "remove_workspace": "workspace: create, task.json, scan, remove",
+    "Client._request": "server calls (accept, complete)",
+}
+
+
+def summarise_profile(path: Path, tasks: int) -> list[tuple[str, float]]:
+    """Wall-clock seconds per task that the task threads spent in each kind of work (py-spy --idle)."""
+    seconds: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames[0].split(": ", 1)[-1].startswith("task-"):
+            continue  # the supervisor and heartbeat threads wait on purpose
+        what = "other"
+        for frame in reversed(frames[1:]):
+            if "agent_core/" in frame:
+                name = frame.split(" (", 1)[0]
+                if name in PROFILE_CATEGORIES:
+                    what = PROFILE_CATEGORIES[name]
+                    break
+        seconds[what] = seconds.get(what, 0.0) + int(count) / PROFILE_RATE / tasks
+    return sorted(seconds.items(), key=lambda kv: -kv[1])
+
+
 def breakdown(marks: list[dict[str, float]], stages) -> list[tuple[str, Stat]]:
     rows = []
     for label, a, b in stages:
@@ -405,6 +445,7 @@ class Bench:
         self.bare_service = f"bench-bare-{self.run_id}"
         self.results = Results()
         self.services: list[str] = []
+        self.agents = 0
         self.procs: list[subprocess.Popen] = []
         self.mono_to_wall = time.time() - time.monotonic()
         self.bare_per_task: float | None = None  # set by the overhead benchmark
@@ -445,7 +486,8 @@ class Bench:
         return mono + self.mono_to_wall
 
     def agent(self, name: str, script: str, **settings: Any) -> Agent:
-        return Agent(self, name, script, settings)
+        self.agents += 1  # a section that is run again gets fresh agents
+        return Agent(self, f"{name}-{self.agents}", script, settings)
 
     def wait_done(self, task_ids: list[str], timeout: float) -> list[dict]:
         tasks = [self.dev.wait_for_status(t, DONE, timeout=timeout, interval=0.2) for t in task_ids]
@@ -481,8 +523,7 @@ def bench_overhead(b: Bench) -> None:
     def daemon_round(n: int) -> None:
         nonlocal cpu
         ids = agent.submit(per_round)
-        profile = b.profile_dir / f"overhead-{n}.pyspy.txt" if b.profile_dir else None
-        b.run_burst(agent, ids, timeout=60 + 10 * per_round, profile=profile)
+        b.run_burst(agent, ids, timeout=60 + 10 * per_round)
         batches.append(ids)
         cpu += agent.cpu_secs or 0.0
 
@@ -506,9 +547,10 @@ def bench_overhead(b: Bench) -> None:
     r.add("overhead.bare", "per task, bare Docker SDK (create, start, wait, remove)", bare_stat.fmt())
     r.add("overhead.ratio", "daemon / bare (medians)", f"{ratio:.2f} (+{1000 * (daemon.median - bare_stat.median):.0f} ms)",
           "≤ 1.15", ratio <= 1.15)
-    if not b.profile_dir:  # under py-spy the child is py-spy
-        r.note(f"overhead: the daemon used {1000 * cpu / len(ids):.0f} ms of CPU per task "
-               f"(user + system, its start-up included)")
+    b.run_burst(agent, [], timeout=60)  # an empty run: what start-up, one poll and exit cost
+    startup = agent.cpu_secs or 0.0
+    r.note(f"overhead: the daemon's CPU time (user + system) is {1000 * (cpu - rounds * startup) / len(ids):.0f} ms "
+           f"per task, plus {1000 * startup:.0f} ms to start, poll once and leave")
     gaps = [accepted[nxt] - completed[t] for batch in batches
             for t, nxt in zip(sorted(batch, key=accepted.__getitem__), sorted(batch, key=accepted.__getitem__)[1:])]
     if gaps:
@@ -521,6 +563,11 @@ def bench_overhead(b: Bench) -> None:
     marks = [{**bare_events.of(t), "begin": began, "end": began + took} for t, began, took in runs]
     b.results.breakdowns["bare"] = breakdown(marks, STAGES_BARE)
     b.bare_per_task = bare_stat.median
+    if b.profile_dir:
+        # one more round under py-spy, not counted above: sampling slows the daemon down
+        out = b.profile_dir / "overhead.pyspy.txt"
+        b.run_burst(agent, agent.submit(per_round), timeout=120 + 20 * per_round, profile=out)
+        b.results.profile = summarise_profile(out, per_round)
 
 
 # --- 2. queue drain ------------------------------------------------------------------------
@@ -740,6 +787,10 @@ def print_table(results: Results) -> None:
         print(f"\nwhere a task's time goes ({name}, medians):")
         for label, stat in stages:
             print(f"  {label:<34} {stat.fmt('ms', 1e-3)}")
+    if results.profile:
+        print("\nthe daemon's task threads, wall clock per task (py-spy):")
+        for what, secs in results.profile:
+            print(f"  {what:<50} {1000 * secs:7.1f} ms")
     print()
 
 
@@ -808,6 +859,12 @@ def render(results: Results, mach: dict[str, str], params: Params, command: str,
             title = "through the daemon" if name == "daemon" else "bare Docker SDK"
             lines += [f"**{title}**", "", "| stage | time |", "|---|---|",
                       *[f"| {label} | {stat.fmt('ms', 1e-3)} |" for label, stat in stages], ""]
+    if results.profile:
+        lines += ["**the daemon's task threads, by what they wait on** (one extra round of "
+                  f"{params.overhead_tasks // max(1, params.overhead_rounds)} tasks under `py-spy record --idle "
+                  f"--threads --rate {PROFILE_RATE}`, not counted above; sampling slows the daemon a little)", "",
+                  "| work | wall clock per task |", "|---|---|",
+                  *[f"| {what} | {1000 * secs:.1f} ms |" for what, secs in results.profile], ""]
     lines += ANALYSIS
     return "\n".join(lines) + "\n"
 
@@ -868,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     started, t0 = datetime.now(timezone.utc), time.monotonic()
     try:
         ensure_image()
+        if args.profile and not shutil.which("py-spy"):
+            raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
         with Bench(params, args.quick) as b:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)

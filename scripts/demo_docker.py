@@ -41,10 +41,19 @@ def build(client: docker.DockerClient, tag: str, base: str, run_py: Path) -> Non
         _add(tar, "run.py", run_py.read_bytes())
     context.seek(0)
     try:
+        previous = client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    try:
         image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, pull=False,
                                        network_mode="none", rm=True, forcerm=True)
     except docker.errors.BuildError as e:
         raise SystemExit(f"demo_docker: building {tag} failed: {e}") from None
+    if previous and previous != image.id:
+        try:  # the build before an edit of run.py: untagged now, and of no use
+            client.images.remove(previous)
+        except docker.errors.APIError:
+            pass  # still used by a container, or removed meanwhile
     print(f"built {tag} ({image.short_id.split(':')[-1]}) from {base}")
 
 

@@ -9,6 +9,12 @@ if ! "$VENV/bin/python" -c "import agent_core, pytest, pytest_timeout" 2>/dev/nu
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
 fi
-echo "installing agent-core into $VENV"
-"$VENV/bin/pip" install -q -e ".[test]"
+# an editable install follows code changes by itself; reinstall only when the dependencies change
+stamp="$VENV/.agent-core-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $PWD"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing agent-core into $VENV"
+    "$VENV/bin/pip" install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi
 export PATH="$VENV/bin:$PATH"

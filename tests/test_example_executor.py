@@ -22,6 +22,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from agent_core import config
 from agent_core.protocol import InputFile, Task
 from agent_core.workspace import Workspace
 
@@ -317,7 +318,8 @@ def test_a_missing_or_broken_task_json_is_a_clear_failure(run_example, tmp_path)
     broken = make_workspace(tmp_path / "b")
     broken.task_json.write_text("[1, 2]")
     result = run_example(broken)
-    assert result.code == 2 and result.last_error_line.startswith("entrypoint: /workspace/task.json is not a JSON object")
+    assert result.code == 2
+    assert result.last_error_line.startswith("entrypoint: /workspace/task.json is not a JSON object")
     assert missing.calls == result.calls == []
 
 
@@ -397,6 +399,17 @@ def _readme_block(language: str, after: str) -> str:
     found = re.search(re.escape(after) + r".*?```" + language + r"\n(.*?)```", readme, re.S)
     assert found, f"no ```{language} block after {after!r} in executor-example/README.md"
     return found.group(1)
+
+
+def test_the_readme_config_snippet_mounts_credentials_read_only(tmp_path):
+    cfg = config.parse(_readme_block("toml", "Model credentials"), tmp_path / "config.toml")
+    assert cfg.unknown_keys == ()
+    assert cfg.executor.image == "open-aaas-executor:latest" and cfg.executor.network_mode != "none"
+    [mount] = cfg.paths.mounts
+    assert mount.container == "/home/agent/.pi" and mount.readonly
+    # the image's user and home are the ones the snippet mounts into
+    dockerfile = (EXAMPLE / "Dockerfile").read_text()
+    assert "--uid 1000" in dockerfile and re.search(r"^USER agent$", dockerfile, re.M)
 
 
 def test_the_readme_python_executor_works(docker_engine, docker_cleanup, python_image, tmp_path):
