@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -38,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import docker
 import httpx
@@ -68,16 +69,17 @@ class Params:
     drain_capacity: int
     scaling_tasks: int
     capacities: tuple[int, ...]
+    scaling_repeats: int
     transfer_bytes: int
     transfer_repeats: int
     idle_secs: float
     poll_interval: float = 5.0
 
 
-FULL = Params(overhead_tasks=30, overhead_rounds=6, drain_tasks=100, drain_capacity=4, scaling_tasks=24, capacities=(1, 2, 4, 8),
-              transfer_bytes=GIB, transfer_repeats=3, idle_secs=60)
-QUICK = Params(overhead_tasks=3, overhead_rounds=1, drain_tasks=8, drain_capacity=4, scaling_tasks=4, capacities=(1, 2),
-               transfer_bytes=64 * MIB, transfer_repeats=1, idle_secs=5)
+FULL = Params(overhead_tasks=30, overhead_rounds=6, drain_tasks=100, drain_capacity=4, scaling_tasks=24,
+              capacities=(1, 2, 4, 8), scaling_repeats=2, transfer_bytes=GIB, transfer_repeats=3, idle_secs=60)
+QUICK = Params(overhead_tasks=3, overhead_rounds=1, drain_tasks=8, drain_capacity=4, scaling_tasks=4,
+               capacities=(1, 2), scaling_repeats=1, transfer_bytes=64 * MIB, transfer_repeats=1, idle_secs=5)
 SCALING_TARGET_UP_TO = 4  # the issue asks for >= 0.85 x capacity up to 4; beyond that is information
 
 
@@ -89,6 +91,12 @@ def metric_keys(p: Params) -> list[str]:
     keys += ["memory.idle_rss", "memory.upload_growth", "memory.download_growth",
              "transfer.daemon_upload", "transfer.plain_upload", "transfer.ratio", "idle.cpu"]
     return keys
+
+
+# Other test sessions on the same engine sweep every agent-core-managed container created while
+# their test ran (tests/docker_fixtures.Cleanup.sweep_managed), ours included. A task that lost its
+# container that way fails with one of these; a few such tasks are tolerated and counted.
+DISTURBED = re.compile(r"marked for removal|already in progress|No such container|vanished|is dead", re.IGNORECASE)
 
 
 class BenchError(Exception):
@@ -112,12 +120,17 @@ class Stat:
     def median(self) -> float:
         return statistics.median(self.values)
 
-    def fmt(self, unit: str = "s", scale: float = 1.0, digits: int = 3) -> str:
-        med = self.median / scale
+    def fmt(self, unit: str = "s", scale: float = 1.0) -> str:
+        """"median unit (min–max, n=N)", three significant digits."""
+        med = _num(self.median / scale)
         if len(self.values) == 1:
-            return f"{med:.{digits}g} {unit}"
-        lo, hi = min(self.values) / scale, max(self.values) / scale
-        return f"{med:.{digits}g} {unit} ({lo:.{digits}g}–{hi:.{digits}g}, n={len(self.values)})"
+            return f"{med} {unit}"
+        lo, hi = _num(min(self.values) / scale), _num(max(self.values) / scale)
+        return f"{med} {unit} ({lo}–{hi}, n={len(self.values)})"
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}"
 
 
 @dataclass
@@ -290,7 +303,7 @@ class BareDocker:
         self.cfg = cfg
         self.tag = tag
         self.workspace = bench.root / f"bare-{tag}"
-        (self.workspace / "output").mkdir(parents=True)
+        (self.workspace / "output").mkdir(parents=True, exist_ok=True)  # a section run again reuses it
         self.count = 0
         self._lock = threading.Lock()
 
@@ -312,7 +325,7 @@ class BareDocker:
         A run disturbed by someone else (a concurrent cleanup removing the container) is
         not a sample: it is run again, a few times at most.
         """
-        for attempt in range(3):
+        for _ in range(3):
             try:
                 return self._run_one()
             except docker.errors.APIError as e:
@@ -438,14 +451,14 @@ def breakdown(marks: list[dict[str, float]], stages) -> list[tuple[str, Stat]]:
 
 
 class Bench:
-    def __init__(self, params: Params, quick: bool):
+    def __init__(self, params: Params):
         self.params = params
-        self.quick = quick
         self.run_id = os.urandom(4).hex()
         self.bare_service = f"bench-bare-{self.run_id}"
         self.results = Results()
         self.services: list[str] = []
         self.agents = 0
+        self.disturbed: set[str] = set()  # tasks whose container someone else removed
         self.procs: list[subprocess.Popen] = []
         self.mono_to_wall = time.time() - time.monotonic()
         self.bare_per_task: float | None = None  # set by the overhead benchmark
@@ -490,11 +503,19 @@ class Bench:
         return Agent(self, f"{name}-{self.agents}", script, settings)
 
     def wait_done(self, task_ids: list[str], timeout: float) -> list[dict]:
+        """Wait for the tasks to end; all must complete, except a few disturbed from outside (see DISTURBED)."""
         tasks = [self.dev.wait_for_status(t, DONE, timeout=timeout, interval=0.2) for t in task_ids]
-        bad = [t for t in tasks if t["status"] != "completed"]
-        if bad:
-            raise BenchError(f"{len(bad)} task(s) did not complete, e.g. {bad[0]['status']}: "
-                             f"{bad[0].get('error_message')}")
+        disturbed = {t["id"] for t in tasks
+                     if t["status"] == "failed" and DISTURBED.search(t.get("error_message") or "")}
+        bad = [t for t in tasks if t["status"] != "completed" and t["id"] not in disturbed]
+        if bad or len(disturbed) > max(1, len(tasks) // 5):
+            example = bad[0] if bad else next(t for t in tasks if t["id"] in disturbed)
+            raise BenchError(f"{len(bad) + len(disturbed)} of {len(tasks)} task(s) did not complete, e.g. "
+                             f"{example['status']}: {example.get('error_message')}")
+        if disturbed:
+            log(f"{len(disturbed)} task(s) lost their container to someone else's cleanup; "
+                "left out of per-task figures")
+        self.disturbed |= disturbed
         return tasks
 
     def run_burst(self, agent: Agent, task_ids: list[str], timeout: float, profile: Path | None = None) -> None:
@@ -537,7 +558,7 @@ def bench_overhead(b: Bench) -> None:
             for step in ((bare_round, daemon_round) if n % 2 == 0 else (daemon_round, bare_round)):
                 step(n)
 
-    ids = [t for batch in batches for t in batch]
+    ids = [t for batch in batches for t in batch if t not in b.disturbed]
     calls = agent.calls()
     accepted, completed = first(calls, "/accept"), first(calls, "/complete")
     daemon = Stat.of([completed[t] - accepted[t] for t in ids])
@@ -545,14 +566,16 @@ def bench_overhead(b: Bench) -> None:
     ratio = daemon.median / bare_stat.median
     r.add("overhead.daemon", "per task through the daemon, accept → complete acknowledged", daemon.fmt())
     r.add("overhead.bare", "per task, bare Docker SDK (create, start, wait, remove)", bare_stat.fmt())
-    r.add("overhead.ratio", "daemon / bare (medians)", f"{ratio:.2f} (+{1000 * (daemon.median - bare_stat.median):.0f} ms)",
-          "≤ 1.15", ratio <= 1.15)
+    extra_ms = 1000 * (daemon.median - bare_stat.median)
+    r.add("overhead.ratio", "daemon / bare (medians)", f"{ratio:.2f} ({extra_ms:+.0f} ms)", "≤ 1.15", ratio <= 1.15)
     b.run_burst(agent, [], timeout=60)  # an empty run: what start-up, one poll and exit cost
     startup = agent.cpu_secs or 0.0
     r.note(f"overhead: the daemon's CPU time (user + system) is {1000 * (cpu - rounds * startup) / len(ids):.0f} ms "
            f"per task, plus {1000 * startup:.0f} ms to start, poll once and leave")
-    gaps = [accepted[nxt] - completed[t] for batch in batches
-            for t, nxt in zip(sorted(batch, key=accepted.__getitem__), sorted(batch, key=accepted.__getitem__)[1:])]
+    gaps = []
+    for batch in batches:
+        order = sorted((t for t in batch if t in accepted), key=accepted.__getitem__)
+        gaps += [accepted[nxt] - completed[t] for t, nxt in zip(order, order[1:]) if t in completed]
     if gaps:
         r.note(f"overhead: complete → next accept at capacity 1 (the next poll round trip, not counted above): "
                f"{Stat.of(gaps).fmt('ms', 1e-3)}")
@@ -573,10 +596,10 @@ def bench_overhead(b: Bench) -> None:
 # --- 2. queue drain ------------------------------------------------------------------------
 
 
-def makespan(agent: Agent, ids: list[str]) -> float:
-    """First poll → last complete acknowledged, from the server's call log."""
+def makespan(agent: Agent, ids: list[str], since: float) -> float:
+    """First poll after `since` (monotonic) → last complete acknowledged, from the server's call log."""
     calls = agent.calls()
-    polls = [c.time for c in calls if c.path.endswith("/poll")]
+    polls = [c.time for c in calls if c.path.endswith("/poll") and c.time >= since]
     completed = first(calls, "/complete")
     return max(completed[t] for t in ids) - min(polls)
 
@@ -591,8 +614,9 @@ def bench_drain(b: Bench) -> None:
         runs, _ = BareDocker(b, agent.cfg, "drain-serial").run_many(max(3, p.overhead_tasks // 2))
         bare_per_task = Stat.of([took for _, _, took in runs]).median
     ids = agent.submit(p.drain_tasks)
+    since = time.monotonic()
     b.run_burst(agent, ids, timeout=120 + 5 * p.drain_tasks)
-    took = makespan(agent, ids)
+    took = makespan(agent, ids, since)
     ideal = p.drain_tasks / cap * bare_per_task
     _, bare_took = BareDocker(b, agent.cfg, "drain").run_many(p.drain_tasks, parallel=cap)
     ratio = took / ideal
@@ -610,21 +634,39 @@ def bench_drain(b: Bench) -> None:
 
 def bench_scaling(b: Bench) -> None:
     p, r = b.params, b.results
-    log(f"3. scaling: {p.scaling_tasks} `sleep 1` tasks at capacity {', '.join(map(str, p.capacities))}")
-    spans: dict[int, float] = {}
-    bare_spans: dict[int, float] = {}
-    for cap in p.capacities:
-        agent = b.agent(f"scale-c{cap}", "sleep 1", **{"executor.capacity": cap})
-        ids = agent.submit(p.scaling_tasks)
-        b.run_burst(agent, ids, timeout=120 + 3 * p.scaling_tasks)
-        spans[cap] = makespan(agent, ids)
-        _, bare_spans[cap] = BareDocker(b, agent.cfg, f"scale{cap}").run_many(p.scaling_tasks, parallel=cap)
-    base, bare_base = spans[p.capacities[0]], bare_spans[p.capacities[0]]
-    for cap in p.capacities:
-        speedup, bare_speedup = base / spans[cap], bare_base / bare_spans[cap]
-        has_target = cap > 1 and cap <= SCALING_TARGET_UP_TO
-        r.add(f"scaling.c{cap}", f"capacity {cap}: makespan, speedup vs capacity {p.capacities[0]}",
-              f"{spans[cap]:.1f} s, ×{speedup:.2f} (bare Docker: {bare_spans[cap]:.1f} s, ×{bare_speedup:.2f})",
+    caps = p.capacities
+    log(f"3. scaling: {p.scaling_tasks} `sleep 1` tasks at capacity {', '.join(map(str, caps))}, daemon and "
+        f"bare Docker; capacity > {caps[0]} run {p.scaling_repeats}×")
+    spans: dict[int, list[float]] = {cap: [] for cap in caps}
+    bare_spans: dict[int, list[float]] = {cap: [] for cap in caps}
+    agents: dict[int, Agent] = {}
+    for rep in range(p.scaling_repeats):
+        # the base run is long enough to smooth noise itself; the short ones are repeated
+        for cap in caps if rep == 0 else caps[1:]:
+            if cap not in agents:
+                agents[cap] = b.agent(f"scale-c{cap}", "sleep 1", **{"executor.capacity": cap})
+            agent = agents[cap]
+
+            def daemon() -> None:
+                ids = agent.submit(p.scaling_tasks)
+                since = time.monotonic()  # the agent is reused: its earlier runs' polls do not count
+                b.run_burst(agent, ids, timeout=120 + 3 * p.scaling_tasks)
+                spans[cap].append(makespan(agent, ids, since))
+
+            def bare() -> None:
+                runs = BareDocker(b, agent.cfg, f"scale{cap}-{rep}")
+                bare_spans[cap].append(runs.run_many(p.scaling_tasks, parallel=cap)[1])
+
+            for step in ((daemon, bare) if rep % 2 == 0 else (bare, daemon)):
+                step()
+    base = Stat.of(spans[caps[0]]).median
+    bare_base = Stat.of(bare_spans[caps[0]]).median
+    for cap in caps:
+        span, bare_span = Stat.of(spans[cap]), Stat.of(bare_spans[cap])
+        speedup, bare_speedup = base / span.median, bare_base / bare_span.median
+        has_target = caps[0] < cap <= SCALING_TARGET_UP_TO
+        r.add(f"scaling.c{cap}", f"capacity {cap}: makespan; speedup vs capacity {caps[0]}",
+              f"{span.fmt()}, ×{speedup:.2f} (bare Docker: {bare_span.fmt()}, ×{bare_speedup:.2f})",
               f"≥ ×{0.85 * cap:.2f}" if has_target else "", speedup >= 0.85 * cap if has_target else None)
 
 
@@ -641,18 +683,42 @@ RESIDENT_SCRIPT = (
 )
 
 
-def plain_upload(b: Bench, agent: Agent, task_id: str, path: Path) -> float:
-    """The same file, the same endpoint and credentials, one streaming httpx multipart POST; seconds."""
+def plain_upload(b: Bench, agent: Agent, task_id: str, path: Path, filename: str) -> None:
+    """The same file, the same endpoint and credentials, in one streaming httpx multipart POST."""
     sid, key = agent.cfg.require_registration()
     headers = {"X-Service-ID": sid, "X-API-Key": key, "Authorization": f"Bearer {key}"}
     with httpx.Client(timeout=httpx.Timeout(600, connect=10), trust_env=False) as http, open(path, "rb") as f:
-        started = time.monotonic()
         resp = http.post(f"{b.server.url}/api/v1/files/agent/{sid}/files/upload", headers=headers,
-                         data={"task_id": task_id}, files={"file": ("output/plain", f, "application/octet-stream")})
-        took = time.monotonic() - started
+                         data={"task_id": task_id}, files={"file": (filename, f, "application/octet-stream")})
     if resp.status_code != 200 or resp.json().get("size_bytes") != path.stat().st_size:
         raise BenchError(f"plain upload failed: {resp.status_code} {resp.text[:200]}")
-    return took
+
+
+class StoredUpload:
+    """How long the server took to receive one upload: its arrival (call log) to the mtime of the
+    file it stored (the last byte written), the same measure for the daemon and the plain client."""
+
+    def __init__(self, b: Bench, agent: Agent, filename: str):
+        self.b, self.agent, self.filename = b, agent, filename
+        self.files_dir = b.server.data_dir / "files"  # where the dev server keeps uploaded bytes
+
+    def __enter__(self) -> StoredUpload:
+        self.before = set(self.files_dir.iterdir())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            return
+        arrivals = [c.time for c in self.agent.calls()
+                    if c.path.endswith("/files/upload") and c.status == 200 and isinstance(c.body, dict)
+                    and any(f.get("filename") == self.filename for f in c.body.get("files", []))]
+        stored = [f for f in self.files_dir.iterdir() if f not in self.before]
+        if not arrivals or len(stored) != 1:
+            raise BenchError(f"cannot find the upload of {self.filename} ({len(stored)} new files)")
+        self.arrived = self.b.wall(arrivals[-1])
+        self.done = stored[0].stat().st_mtime
+        self.size = stored[0].stat().st_size
+        self.secs = self.done - self.arrived
 
 
 def run_watched(b: Bench, agent: Agent, submit: Callable[[], str]) -> tuple[str, int, int]:
@@ -713,26 +779,31 @@ def bench_resident(b: Bench) -> None:
         shutil.rmtree(agent.workspace(task_id), ignore_errors=True)
 
     # 4 (upload) and 5: the daemon's upload against a plain httpx upload of the same file.
-    up_growth, daemon_rates, plain_rates = [], [], []
+    up_growth, daemon_rates, plain_rates, after_upload = [], [], [], []
     for _ in range(p.transfer_repeats):
-        task_id, before, peak = run_watched(b, agent, lambda: agent.submit(1, str(size))[0])
+        with StoredUpload(b, agent, "output/big") as daemon_up:
+            task_id, before, peak = run_watched(b, agent, lambda: agent.submit(1, str(size))[0])
         up_growth.append(peak - before)
-        calls = agent.calls()
-        upload_at, complete_at = first(calls, "/files/upload")[task_id], first(calls, "/complete")[task_id]
-        daemon_rates.append(size / (complete_at - upload_at))
-        big = agent.workspace(task_id) / "output" / "big"
-        if big.stat().st_size != size:
-            raise BenchError(f"the upload task wrote {big.stat().st_size} bytes, not {size}")
-        plain_rates.append(size / plain_upload(b, agent, task_id, big))
+        if daemon_up.size != size:
+            raise BenchError(f"the upload task stored {daemon_up.size} bytes, not {size}")
+        daemon_rates.append(size / daemon_up.secs)
+        after_upload.append(b.wall(first(agent.calls(), "/complete")[task_id]) - daemon_up.done)
+        with StoredUpload(b, agent, "output/plain") as plain_up:
+            plain_upload(b, agent, task_id, agent.workspace(task_id) / "output" / "big", "output/plain")
+        plain_rates.append(size / plain_up.secs)
         shutil.rmtree(agent.workspace(task_id), ignore_errors=True)
     growth = Stat.of(up_growth)
     r.add("memory.upload_growth", f"daemon RSS growth while uploading a {size // MIB} MiB output",
           growth.fmt("MiB", MIB), "≤ 64 MiB", growth.median <= 64 * MIB)
     daemon_rate, plain_rate = Stat.of(daemon_rates), Stat.of(plain_rates)
-    r.add("transfer.daemon_upload", f"{size // MIB} MiB upload through the daemon", daemon_rate.fmt("MiB/s", MIB))
-    r.add("transfer.plain_upload", "the same file, plain streaming httpx upload", plain_rate.fmt("MiB/s", MIB))
+    r.add("transfer.daemon_upload", f"{size // MIB} MiB upload through the daemon (arrival → last byte stored)",
+          daemon_rate.fmt("MiB/s", MIB))
+    r.add("transfer.plain_upload", "the same file, plain streaming httpx upload (same measure)",
+          plain_rate.fmt("MiB/s", MIB))
     ratio = daemon_rate.median / plain_rate.median
     r.add("transfer.ratio", "daemon / plain (medians)", f"{ratio:.2f}", "≥ 0.8", ratio >= 0.8)
+    r.note(f"transfer: from the upload's last byte stored to the daemon's `complete`: "
+           f"{Stat.of(after_upload).fmt('ms', 1e-3)} (journal writes, then the report)")
 
     # 4 (download): a large input, streamed from disk by the client and to disk by the daemon.
     big_in = b.root / "big-input.bin"
@@ -837,6 +908,9 @@ def render(results: Results, mach: dict[str, str], params: Params, command: str,
         "multipart request to the same endpoint, with the same credentials.",
         "- Idle cost is the daemon's user + system CPU time (psutil `cpu_times`) over the idle window, "
         "after start-up settled.",
+        "- Other test sessions' cleanup (`tests/docker_fixtures.py`, `Cleanup.sweep_managed`) may remove a "
+        "daemon's container while its task runs; such tasks are counted in a note and left out of per-task "
+        "figures, and a benchmark that loses more than a fifth of its tasks is run again once.",
         "- **Caveat**: the machine is shared; other engineers run Docker tests on the same engine at the same "
         "time. Absolute figures are noisy; the ratios, whose two sides ran minutes apart in the same run, are "
         "what to read.",
@@ -865,13 +939,73 @@ def render(results: Results, mach: dict[str, str], params: Params, command: str,
                   f"--threads --rate {PROFILE_RATE}`, not counted above; sampling slows the daemon a little)", "",
                   "| work | wall clock per task |", "|---|---|",
                   *[f"| {what} | {1000 * secs:.1f} ms |" for what, secs in results.profile], ""]
-    lines += ANALYSIS
+    lines += ANALYSIS.splitlines()
     return "\n".join(lines) + "\n"
 
 
-# Written from the profiles taken while building this benchmark (see the text for how to
-# take them again). Kept here so every rewrite of the doc keeps the explanation.
-ANALYSIS: list[str] = []
+# What the profiles taken while building this benchmark showed (2026-11-23, this machine).
+# Kept here so that every rewrite of the doc keeps the explanation; the figures above it are
+# the run's own. `--profile DIR` adds a fresh py-spy table to the doc.
+ANALYSIS = """\
+## Analysis
+
+**Per-task overhead.** Docker's `start` is most of a trivial task on both sides: on this engine
+(storage driver fuse-overlayfs, 2 cores) *created → started* alone is about 70 % of it (see the
+breakdown). The daemon's own work sits in three places: before `create` (the accept reply, the journal
+record, the runner thread, the workspace and `task.json`, the STAGED record), after the container exits
+(an inspect for OOMKilled, two log reads, the EXITED record, then `remove`) and after `remove` (output
+scan, the UPLOADED record, `complete`). On a quiet engine that is 20–50 ms a task (ratios 0.96–1.15 in
+four runs while building this); while other sessions ran Docker tests every Docker call got slower, the
+daemon's extra calls with them, and the ratio ranged 1.09–1.34 between runs. The py-spy table above (wall clock of
+the task threads) has no single item worth more than a few per cent: status-file writes and journal
+writes ~20 ms each, the pre-wait inspect (which partly overlaps the container's own exit), the log reads
+and the workspace ~15 ms each. An A/B run with proposals 1–3 below monkeypatched into the daemon
+(`sitecustomize` on `PYTHONPATH`) stayed within the noise on a quiet engine (+50 and −13 ms against +20
+and +34 ms unpatched): they are worth having for a busy host, not a cure for a missed target.
+
+**Queue drain.** The ideal (100 / 4 × the serial bare time) assumes the engine starts four containers
+in the time of one. It does not here: bare Docker SDK calls with four threads drain the same 100
+containers only about ×1.3–1.4 faster than one after the other, because creating, starting and
+removing a container is CPU work in dockerd, containerd, runc and fuse-overlayfs, and this machine has
+two cores that other sessions share. So no agent can meet 1.5 × ideal on this host; the figure to read
+is the daemon against bare Docker with the same parallelism (`drain.ratio`, in brackets), which was
+1.0–1.3 (the naive agent needs 500 s). On a saturated CPU the daemon's own CPU time per task (see the
+note above) competes with dockerd directly. A CPU profile of the drain daemon (py-spy without
+`--idle`, 100 tasks at capacity 4 under load) spent per task: ~50 ms writing the status file (about ten
+create-and-rename writes per task in the data dir), ~39 ms in fsync'd journal writes, ~33 ms reading the
+logs, ~14 ms in `accept`/`complete` and ~8 ms polling, ~10 ms removing the workspace.
+
+**Scaling.** `sleep 1` tasks scale like bare Docker with the same parallelism: both lose to the same
+per-container CPU work once several containers start and stop at the same moment on two cores. Where
+the daemon's speedup at capacity 4 falls short of ×3.4, compare it with the bare speedup on the same
+row: the difference between the two is the daemon's; the rest is the host's.
+
+**Memory, transfers, idle.** Uploads and downloads stream: the RSS hardly moves while 1 GiB goes
+either way (the download's few MiB are httpx's buffers and the 1 MiB write chunks). The upload rate is
+the dev server's (its multipart parser is pure Python, in the benchmark process); the daemon gets the
+same rate as a plain httpx upload within the noise. Idle, the daemon polls every 5 s and heartbeats
+every 15 s; that costs well under 1 % of a core.
+
+## Proposals (from the profiles; not applied)
+
+1. `agent_core/scheduler.py`, `Scheduler.write_status`: every runner phase change and journal save
+   rewrites `status.json` (about ten times a task, each a mkstemp + write + rename in the data dir, and
+   with it a walk over all runners). Mark the status dirty instead and let one thread write it at most
+   about once a second (the heartbeat thread already wakes up regularly), plus once at exit.
+2. `agent_core/runner.py`, `TaskRunner._await_exit`: the `executor.inspect()` before `wait` is only
+   needed when the runner resumes a journaled LAUNCHED task (a crash between create and start); for a
+   container this runner has just started it is one more Docker call per task. Do it only on recovery.
+3. `agent_core/executor.py`, `DockerExecutor.wait`: the `inspect_container` after `wait` is there for
+   OOMKilled; an OOM kill exits non-zero (137), so inspect only when the exit code is not 0.
+4. `agent_core/runner.py`, `TaskRunner._collect`: the UPLOADED record is fsync'd even when nothing was
+   uploaded; recovering from EXITED recomputes the same completion, so that save can be skipped when
+   there were no uploads (one of the five fsync'd journal writes of a trivial task).
+5. `tests/docker_fixtures.py`, `Cleanup.sweep_managed` defaults to `True`: at teardown a test removes
+   every agent-core-managed container created while it ran, including those of other test sessions
+   and of this benchmark on the same engine (tasks then fail with "can not get logs from container
+   which is dead or marked for removal"). Defaulting it to `False`, with tests that need it opting in
+   or tracking their containers by label/service, would stop sessions from breaking each other.
+"""
 
 
 SECTIONS: dict[str, Callable[[Bench], None]] = {
@@ -909,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (~1-2 min); the doc is not rewritten")
     parser.add_argument("--only", metavar="NAMES",
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (for working on one; the table is partial)")
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (to work on one; the table is partial)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run the overhead benchmark's daemon under py-spy (wall clock, all threads) and "
                              "write DIR/overhead.pyspy.txt (collapsed stacks); needs `pip install py-spy`")
@@ -927,13 +1061,16 @@ def main(argv: list[str] | None = None) -> int:
         ensure_image()
         if args.profile and not shutil.which("py-spy"):
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
-        with Bench(params, args.quick) as b:
+        with Bench(params) as b:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 b.profile_dir = args.profile
             mach = machine(b.docker)
             for name in only:
                 run_section(b, name)
+            if b.disturbed:
+                b.results.note(f"{len(b.disturbed)} daemon task(s) failed because a concurrent test session's "
+                               "cleanup removed their container; they are left out of per-task figures")
             results = b.results
     except BenchError as e:
         print(f"bench: ERROR: {e}", file=sys.stderr)

@@ -84,6 +84,33 @@ def test_links_fifos_and_devices_never_carry_host_files_to_the_server(make_agent
         assert host_secret.read_text().strip() not in json.dumps(call.body)
 
 
+HARDENING_PROBE = (
+    "{ grep -E '^(NoNewPrivs|CapEff)' /proc/self/status; echo \"uid: $(id -u)\"; "
+    "echo \"pids: $(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)\"; "
+    "echo \"cpu: $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)\"; "
+    "echo \"net: $(ls /sys/class/net | tr '\\n' ' ')\"; "
+    "touch /probe 2>/dev/null && echo 'root: rw' || echo 'root: ro'; "
+    "touch /tmp/probe && echo 'tmp: rw' || echo 'tmp: ro'; } > /workspace/output/probe.txt")
+
+
+def test_containers_run_hardened_as_configured(make_agent, dev_client, tmp_path):
+    agent = make_agent({**sh(HARDENING_PROBE), "executor.user": "1234:1234", "executor.read_only": True,
+                        "executor.pids_limit": 64, "executor.cpus": 0.5, "executor.network_mode": "none"})
+    task = dev_client.submit_task(agent.service_id, "probe")["id"]
+    agent.start()
+    assert dev_client.wait_for_status(task, DONE, timeout=60)["status"] == "completed"
+    text = read_output(dev_client, task, "output/probe.txt", tmp_path / "p").decode()
+    probe = dict(line.split(":", 1) for line in text.splitlines())
+    probe = {k: v.strip() for k, v in probe.items()}
+    assert probe["NoNewPrivs"] == "1"
+    assert int(probe["CapEff"], 16) == 0  # a non-root user keeps no capability
+    assert probe["uid"] == "1234"
+    assert probe["pids"] == "64"
+    assert probe["cpu"].split()[0] == "50000"  # 0.5 of a 100 ms period
+    assert probe["net"] == "lo"
+    assert (probe["root"], probe["tmp"]) == ("ro", "rw")
+
+
 HOSTILE_IDS = ["x" * 4096, "../../escape-id", "a/b-escape-id", "..", "nul\0escape-id", ".hidden-escape-id",
                "-escape-id", "escape id", "\u202eescape-id"]
 HOSTILE_NAMES = ["../../evil-name", "a/b/evil-name", "nul\0evil-name", "..", ".hidden", "/etc/passwd",

@@ -21,7 +21,7 @@ import pytest
 
 from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, LABEL_TASK
 from tests.agent_fixtures import wait_until
-from tests.test_run import DONE, containers_of, finish, sh
+from tests.test_run import DONE, finish, sh
 
 pytestmark = pytest.mark.docker
 
@@ -30,10 +30,11 @@ MiB = 1024 ** 2
 
 
 @pytest.fixture
-def dev_server(make_dev_server):
+def dev_server(make_dev_server, request):
     """The real 60 s heartbeat timeout with a sweep every 2 s (so a gap shows at once), and room
-    for a 1 GiB upload."""
-    return make_dev_server(sweep_interval_secs=2, max_file_bytes=GiB + MiB)
+    for a 1 GiB upload; indirect parametrization changes any of these."""
+    settings = {"sweep_interval_secs": 2, "max_file_bytes": GiB + MiB, **getattr(request, "param", {})}
+    return make_dev_server(**settings)
 
 
 # --- helpers shared with test_shutdown and test_hostile ----------------------------------
@@ -59,9 +60,21 @@ def journal_record(agent, task_id: str) -> dict | None:
         return None
 
 
+# The low-level list: one call, without docker-py's inspect of each container listed, which
+# fails when one is removed in between (as ours are, at the end of every task).
+
 def container_status(docker_engine, task_id: str) -> str | None:
-    found = docker_engine.containers.list(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
-    return found[0].status if found else None
+    found = docker_engine.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+    return found[0]["State"] if found else None
+
+
+def our_task_container(docker_engine, task_id: str) -> str:
+    (found,) = docker_engine.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+    return found["Id"]
+
+
+def our_containers(docker_engine, service_id: str) -> list[dict]:
+    return docker_engine.api.containers(all=True, filters={"label": f"{LABEL_SERVICE}={service_id}"})
 
 
 def agent_files(dev_client, task_id: str) -> dict[str, dict]:
@@ -83,28 +96,31 @@ def kill_9(agent) -> None:
 
 def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, dev_server, dev_client,
                                                                   docker_engine, busybox_image, tmp_path):
-    # Given three tasks that note on a host folder each time they start: "long" still runs when the
-    # daemon dies, "short" ends while it is dead, "quick" has its result on disk but unreported
+    # Given tasks that note on a host folder each time they start: "long" still runs when the
+    # daemon dies, "short" ends while it is dead, "quick" has its result on disk but unreported,
+    # and the container of "lost" is removed behind the agent's back
     runs = tmp_path / "runs"
     runs.mkdir()
     agent = make_agent({
         **sh('echo "$TASK_ID" >> /runs/started; '
-             'if grep -q long /workspace/task.json; then sleep 15; '
+             'if grep -q -e long -e lost /workspace/task.json; then sleep 15; '
              'elif grep -q short /workspace/task.json; then sleep 4; fi; '
              'echo "result of $TASK_ID" > /workspace/output/result.txt'),
-        "executor.capacity": 3,
+        "executor.capacity": 4,
         "paths.mounts": [{"host": str(runs), "container": "/runs", "readonly": False}],
     })
     dev_server.faults.fail_next(10 ** 6, status=503, path_contains="/complete")
-    long_, short, quick = (dev_client.submit_task(agent.service_id, p)["id"] for p in ("long", "short", "quick"))
+    long_, short, quick, lost = (dev_client.submit_task(agent.service_id, p)["id"]
+                                 for p in ("long", "short", "quick", "lost"))
     agent.start()
     wait_until(lambda: (journal_record(agent, quick) or {}).get("stage") == "UPLOADED", 60,
                "the quick task's result to be journaled")
-    wait_until(lambda: all(container_status(docker_engine, t) == "running" for t in (long_, short)), 60,
-               "the long and short containers to run")
+    wait_until(lambda: all(container_status(docker_engine, t) == "running" for t in (long_, short, lost)), 60,
+               "the long, short and lost containers to run")
     # When the daemon is killed outright, and a stray container of ours appears meanwhile
     kill_9(agent)
     dev_server.faults.clear()
+    docker_engine.api.remove_container(our_task_container(docker_engine, lost), force=True)
     ghost = docker_engine.containers.create(
         busybox_image, ["sleep", "60"], network_mode="none",
         labels={LABEL_MANAGED: "true", LABEL_SERVICE: agent.service_id, LABEL_TASK: "ghost"})
@@ -120,10 +136,13 @@ def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, de
         assert len(calls_for(dev_server, "/complete", task_id, status=200)) == 1
         assert len(calls_for(dev_server, "/files/upload", task_id)) == 1  # never uploaded again
     assert len(calls_for(dev_server, "/complete", long_)) == len(calls_for(dev_server, "/complete", short)) == 1
+    # and the task with nothing left to resume is failed with the reason
+    lost_result = dev_client.wait_for_status(lost, DONE, timeout=30)
+    assert lost_result["status"] == "failed" and "vanished" in lost_result["error_message"], lost_result
     # and no task ran twice
-    assert sorted((runs / "started").read_text().split()) == sorted([long_, short, quick])
+    assert sorted((runs / "started").read_text().split()) == sorted([long_, short, quick, lost])
     # and no container of ours is left, the stray one included
-    wait_until(lambda: not containers_of(docker_engine, agent.service_id), 30, "our containers to go")
+    wait_until(lambda: not our_containers(docker_engine, agent.service_id), 30, "our containers to go")
     with pytest.raises(docker.errors.NotFound):
         ghost.reload()
     assert "resuming after restart at stage LAUNCHED" in agent.log()
@@ -149,6 +168,29 @@ def test_a_20_s_server_outage_while_a_task_runs(make_agent, dev_server, dev_clie
     assert "heartbeat failed" in agent.log()  # the outage was real, and was ridden out
     n = len(dev_server.calls_to("/heartbeat"))
     wait_until(lambda: len(dev_server.calls_to("/heartbeat")) > n, 30, "heartbeats after the outage")
+
+
+@pytest.mark.parametrize("dev_server", [{"heartbeat_timeout_secs": 4}], indirect=True)
+def test_a_task_the_server_requeued_while_it_ran_is_taken_back_not_run_twice(make_agent, dev_server, dev_client,
+                                                                             docker_engine, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    agent = make_agent({**sh("echo run >> /runs/started; sleep 12; echo kept > /workspace/output/result.txt"),
+                        "paths.mounts": [{"host": str(runs), "container": "/runs", "readonly": False}]})
+    task = dev_client.submit_task(agent.service_id, "requeued")["id"]
+    agent.start()
+    wait_until(lambda: container_status(docker_engine, task) == "running", 60, "the container to run")
+    # When the server hears no heartbeat (and answers no poll) until it has requeued the task
+    dev_server.faults.fail_next(10 ** 6, status=503, path_contains="/heartbeat")
+    dev_server.faults.fail_next(10 ** 6, status=503, path_contains="/poll")
+    wait_until(lambda: dev_client.get_task(task)["status"] == "pending", 30, "the server to requeue the task")
+    # Then the result, arriving while the task is pending again, takes it back and is accepted
+    result = dev_client.wait_for_status(task, DONE, timeout=60)
+    dev_server.faults.clear()
+    assert result["status"] == "completed" and result["retry_count"] == 1, result
+    assert read_output(dev_client, task, "output/result.txt", tmp_path / "r") == b"kept\n"
+    assert (runs / "started").read_text() == "run\n"
+    assert "requeued" in agent.log()
 
 
 def test_a_flaky_slow_server_loses_no_task_and_no_byte(make_agent, dev_server, dev_client, tmp_path):
@@ -265,8 +307,9 @@ def test_finished_workspaces_go_even_when_another_uid_locked_them(make_agent, de
     })
     ok, failed, slow = (dev_client.submit_task(agent.service_id, p)["id"] for p in ("ok", "fail", "slow"))
     agent.start()
-    # while a task runs, its journal record exists; it must not hold a secret
+    # while a task runs, its journal record and the live status exist; they must not hold a secret
     record = wait_until(lambda: journal_record(agent, slow), 60, "the slow task's journal record")
+    live_status = (agent.cfg.paths.data_dir / "status.json").read_text()
     results = finish(dev_client, [ok, failed, slow])
     assert [r["status"] for r in results] == ["completed", "failed", "completed"], results
     workspaces = agent.cfg.paths.data_dir / "workspaces"
@@ -283,7 +326,7 @@ def test_finished_workspaces_go_even_when_another_uid_locked_them(make_agent, de
     agent.stop()
     secrets = [agent.cfg.agent.api_key, agent.token]
     assert all(secrets)
-    texts = {"journal record": json.dumps(record)}
+    texts = {"journal record": json.dumps(record), "status": live_status}
     for path in agent.root.rglob("*"):
         if path.is_file() and path != agent.config_path:
             texts[str(path)] = path.read_text(errors="replace")

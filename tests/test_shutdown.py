@@ -13,8 +13,8 @@ import pytest
 from agent_core import process
 from tests.agent_fixtures import agent_cli, wait_until
 from tests.test_reliability import (calls_for, container_status, heartbeat_statuses, journal_record,
-                                    read_output)
-from tests.test_run import DONE, containers_of, sh
+                                    our_containers, read_output)
+from tests.test_run import DONE, sh
 
 pytestmark = pytest.mark.docker
 
@@ -54,7 +54,7 @@ def test_sigterm_drains_a_running_task_then_goes_offline(make_agent, dev_server,
     assert read_output(dev_client, task, "output/result.txt", tmp_path / "r") == b"finished\n"
     assert dev_client.get_task(late)["status"] == "pending"
     assert heartbeat_statuses(dev_server, agent.service_id)[-1] == "offline"
-    assert not containers_of(docker_engine, agent.service_id)
+    assert not our_containers(docker_engine, agent.service_id)
 
 
 def test_a_second_sigterm_cancels_the_running_task_with_its_outputs(make_agent, dev_server, dev_client,
@@ -70,7 +70,7 @@ def test_a_second_sigterm_cancels_the_running_task_with_its_outputs(make_agent, 
     assert result["status"] == "failed" and result["error_message"] == "agent shutting down", result
     assert read_output(dev_client, task, "output/partial.txt", tmp_path / "p") == b"partial\n"
     assert heartbeat_statuses(dev_server, agent.service_id)[-1] == "offline"
-    assert not containers_of(docker_engine, agent.service_id)
+    assert not our_containers(docker_engine, agent.service_id)
 
 
 def test_a_third_sigterm_exits_at_once_and_the_next_start_recovers_the_task(make_agent, dev_server,
@@ -87,13 +87,15 @@ def test_a_third_sigterm_exits_at_once_and_the_next_start_recovers_the_task(make
     task = start_running(agent, dev_client, docker_engine)
     step(agent, "draining")
     step(agent, "cancelling")
+    # the cancel is journaled before the container is told to stop
+    wait_until(lambda: journal_record(agent, task)["cancel_reason"] == "agent_stopping", 10, "the cancel")
     signalled = time.monotonic()
     agent.signal(signal.SIGTERM)
     assert agent.proc.wait(10) == 1
     print(f"exited {time.monotonic() - signalled:.1f} s after the third SIGTERM")
     # the task was left to the journal, its container to the next start
-    assert journal_record(agent, task)["cancel_reason"] == "agent_stopping"
-    assert container_status(docker_engine, task) is not None
+    assert journal_record(agent, task)["stage"] == "LAUNCHED"
+    assert container_status(docker_engine, task) == "running"  # it ignores SIGTERM; the kill is 10 s away
     assert dev_client.get_task(task)["status"] == "running"
     # When the agent starts again, it takes the task up where it was and finishes the cancel
     agent.start()
@@ -103,7 +105,7 @@ def test_a_third_sigterm_exits_at_once_and_the_next_start_recovers_the_task(make
     assert (runs / "started").read_text() == "once\n"
     assert len(calls_for(dev_server, "/complete", task)) == 1
     assert "resuming after restart at stage LAUNCHED" in agent.log()
-    wait_until(lambda: not containers_of(docker_engine, agent.service_id), 15, "the container to go")
+    wait_until(lambda: not our_containers(docker_engine, agent.service_id), 15, "the container to go")
 
 
 def test_stop_force_cancels_a_detached_agent_and_waits_for_it(make_agent, dev_server, dev_client,
@@ -128,6 +130,6 @@ def test_stop_force_cancels_a_detached_agent_and_waits_for_it(make_agent, dev_se
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                10, "the daemon process to end")  # the pidfile lock goes a moment before the process
     assert heartbeat_statuses(dev_server, agent.service_id)[-1] == "offline"
-    assert not containers_of(docker_engine, agent.service_id)
+    assert not our_containers(docker_engine, agent.service_id)
     status = json.loads(agent_cli("status", "--json", config_path=agent.config_path, check=True).stdout)
     assert status["daemon"]["running"] is False
