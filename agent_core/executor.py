@@ -600,9 +600,11 @@ class DockerExecutor:
                 if not state.get("Running", False):
                     result = {"StatusCode": state.get("ExitCode", -1)}
                     break
-            state = client.api.inspect_container(container_id).get("State") or {}
-        code = result.get("StatusCode")
-        return Exit(code=int(code) if code is not None else -1, oom_killed=bool(state.get("OOMKilled", False)))
+            code = result.get("StatusCode")
+            code = int(code) if code is not None else -1
+            # an OOM kill never exits 0: spare the common case an inspect
+            state = client.api.inspect_container(container_id).get("State") or {} if code else {}
+        return Exit(code=code, oom_killed=bool(state.get("OOMKilled", False)))
 
     def stop(self, container_id: str, grace: float = 10) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds. Fine if already stopped or gone."""

@@ -94,6 +94,7 @@ class TaskRunner:
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # the record is journaled from the task thread and by cancel()
         self._cancelled = threading.Event()
+        self._resumed = record.stage >= Stage.LAUNCHED  # a container from before a restart
         # a cancel journaled by an earlier run still holds: the new run finishes it
         self._cancel_reason: CancelReason | None = (
             CancelReason(record.cancel_reason) if record.cancel_reason else None)
@@ -257,11 +258,12 @@ class TaskRunner:
         if not rec.container_id:  # cancelled before launch
             return
         self._phase("running")
-        found = deps.executor.inspect(rec.container_id)
-        if found is None:
-            raise ContainerVanished(f"container {rec.container_id[:12]} vanished")
-        if found.status == "created":  # we crashed between create and start
-            deps.executor.start(rec.container_id)
+        if self._resumed:
+            found = deps.executor.inspect(rec.container_id)
+            if found is None:
+                raise ContainerVanished(f"container {rec.container_id[:12]} vanished")
+            if found.status == "created":  # we crashed between create and start
+                deps.executor.start(rec.container_id)
         timeout = deps.cfg.executor.timeout_secs
         timer = None
         if timeout:

@@ -35,6 +35,7 @@ from agent_core.runner import CancelReason, Deps, TaskRunner
 log = logging.getLogger(__name__)
 
 RUNNING, DRAINING, CANCELLING, EXITING = range(4)
+STATUS_EVERY_SECS = 0.5
 STATE_NAMES = ("running", "draining", "cancelling", "exiting")
 
 
@@ -93,12 +94,14 @@ class Scheduler:
         self._stopping = threading.Event()  # set from the first stop step on: a waiting poll gives up
         self._hb_stop = threading.Event()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._status_dirty = threading.Event()
+        self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
         self._engine_ok = threading.Event()
         self._engine_ok.set()
         self._quiet = _Throttled()
         self._deps = Deps(cfg=cfg, client=client, executor=executor, journal=self.journal,
                           service_id=self.service_id, engine_down=self._engine_down,
-                          engine_wait=self._engine_wait, changed=self.write_status)
+                          engine_wait=self._engine_wait, changed=self._status_dirty.set)
 
     # --- public verbs ----------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Scheduler:
         """Serve until stopped (or, in burst mode, until idle); returns the exit code."""
         self._recover()
         self._hb_thread.start()
+        self._status_thread.start()
         self.write_status()
         log.info("agent running: service %s, capacity %d, image %s", self.service_id, self.capacity,
                  self.cfg.executor.image)
@@ -119,6 +123,7 @@ class Scheduler:
             self._shutdown()
         finally:
             self._hb_stop.set()
+            self._status_dirty.set()  # lets the status thread see the stop
             if self._hb_thread.is_alive():
                 self._hb_thread.join(5)
         return self.exit_code
@@ -282,7 +287,7 @@ class Scheduler:
     def _on_runner_done(self, runner: TaskRunner) -> None:
         with self._lock:
             self._runners.pop(runner.task_id, None)
-        self.write_status()
+        self._status_dirty.set()
         self._wakeup.set()
 
     # --- the Docker engine ------------------------------------------------------
@@ -328,7 +333,18 @@ class Scheduler:
                 ago = f"{time.time() - self.last_heartbeat:.0f} s ago" if self.last_heartbeat else "never"
                 log.warning("heartbeat failed (last success %s): %s", ago, e)
                 wait = min(5.0, interval)
+            self._status_dirty.set()
+
+    def _status_loop(self) -> None:
+        """Rewrite the live status file after changes, at most every STATUS_EVERY_SECS:
+        a drain at full speed changes it several times per task."""
+        while True:
+            self._status_dirty.wait()
+            if self._hb_stop.is_set():
+                return
+            self._status_dirty.clear()
             self.write_status()
+            self._hb_stop.wait(STATUS_EVERY_SECS)
 
     def write_status(self) -> None:
         now = time.time()

@@ -52,6 +52,7 @@ from agent_core import config as configmod  # noqa: E402
 from agent_core.devclient import DevClient  # noqa: E402
 from agent_core.devserver import Call, DevServer  # noqa: E402
 from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, build_spec, create_kwargs  # noqa: E402
+from agent_core.fsutil import write_atomic  # noqa: E402
 
 IMAGE = "agent-core-test/busybox:latest"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -122,11 +123,11 @@ class Stat:
 
     def fmt(self, unit: str = "s", scale: float = 1.0) -> str:
         """"median unit (min–max, n=N)", three significant digits."""
-        med = _num(self.median / scale)
+        med = _num(self.median / scale) + (f" {unit}" if unit else "")
         if len(self.values) == 1:
-            return f"{med} {unit}"
+            return med
         lo, hi = _num(min(self.values) / scale), _num(max(self.values) / scale)
-        return f"{med} {unit} ({lo}–{hi}, n={len(self.values)})"
+        return f"{med} ({lo}–{hi}, n={len(self.values)})"
 
 
 def _num(x: float) -> str:
@@ -198,6 +199,42 @@ class RssSampler:
     @property
     def peak(self) -> int:
         return max(self.samples)
+
+
+class HostProbe:
+    """The shared host's state through the run, to read the figures by: once a second, the 1-minute
+    load average and how long one fsync'd 2 KiB write (as the journal does) takes on the
+    filesystem that holds the agents' data dirs."""
+
+    def __init__(self, root: Path, every: float = 1.0):
+        self.root, self.every = root, every
+        self.load: list[float] = []
+        self.fsync: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="host-probe", daemon=True)
+
+    def _run(self) -> None:
+        path = self.root / "fsync-probe"
+        while not self._stop.wait(self.every):
+            self.load.append(os.getloadavg()[0])
+            started = time.monotonic()
+            write_atomic(path, "x" * 2048)
+            self.fsync.append(time.monotonic() - started)
+
+    def __enter__(self) -> HostProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str | None:
+        if not self.load:
+            return None
+        slow = sum(1 for t in self.fsync if t > 0.05)
+        return (f"host during the run: load average (1 min) {Stat.of(self.load).fmt('')}; one fsync'd 2 KiB "
+                f"write {Stat.of(self.fsync).fmt('ms', 1e-3)}, over 50 ms in {slow} of {len(self.fsync)} samples")
 
 
 class Agent:
@@ -897,23 +934,26 @@ def render(results: Results, mach: dict[str, str], params: Params, command: str,
         "last `complete`.",
         "- Bare Docker runs the very same container (`agent_core.executor.build_spec` + `create_kwargs` on the "
         "agent's own config) with the Docker SDK: `containers.create`, `start`, `wait`, `remove_container"
-        "(force=True, v=True)`; half of the serial bare runs come before the daemon's and half after.",
+        "(force=True, v=True)`. For the per-task figures, serial bare runs and daemon runs alternate in rounds "
+        f"of {params.overhead_tasks // max(1, params.overhead_rounds)} tasks (bare, daemon, daemon, bare, ...), "
+        "so a noisy spell hits both sides.",
         "- Memory is the daemon's RSS (psutil, sampled every 20 ms). Growth is the peak while one transfer task "
         "runs minus the RSS just before it, after one small warm-up task of each kind. The upload task's "
         "container writes the file with `head -c N /dev/zero > /workspace/output/big`; the download task's "
         "input is submitted with `DevClient.submit_task(..., files=[(name, Path)])` (streamed).",
-        "- Upload throughput through the daemon is file size / (arrival of `complete` − arrival of the upload), "
-        "so it slightly favours the baseline (two journal writes are counted on the daemon's side). The "
-        "baseline POSTs the same file (kept with `paths.keep_workspaces = \"all\"`) with one streaming httpx "
-        "multipart request to the same endpoint, with the same credentials.",
+        "- Upload throughput, the same measure for both sides, is file size / (the upload's arrival in the call "
+        "log → the mtime of the file the server stored, i.e. its last byte). The baseline POSTs the same file "
+        "(kept with `paths.keep_workspaces = \"all\"`) in one streaming httpx multipart request to the same "
+        "endpoint, with the same credentials. What the daemon does between the last byte and `complete` is a "
+        "separate note.",
         "- Idle cost is the daemon's user + system CPU time (psutil `cpu_times`) over the idle window, "
         "after start-up settled.",
         "- Other test sessions' cleanup (`tests/docker_fixtures.py`, `Cleanup.sweep_managed`) may remove a "
         "daemon's container while its task runs; such tasks are counted in a note and left out of per-task "
         "figures, and a benchmark that loses more than a fifth of its tasks is run again once.",
         "- **Caveat**: the machine is shared; other engineers run Docker tests on the same engine at the same "
-        "time. Absolute figures are noisy; the ratios, whose two sides ran minutes apart in the same run, are "
-        "what to read.",
+        "time (see the host note under the results). Absolute figures are noisy; the ratios, whose two sides "
+        "ran seconds to minutes apart in the same run, are what to read.",
         "",
         "## Results",
         "",
@@ -950,61 +990,80 @@ ANALYSIS = """\
 ## Analysis
 
 **Per-task overhead.** Docker's `start` is most of a trivial task on both sides: on this engine
-(storage driver fuse-overlayfs, 2 cores) *created → started* alone is about 70 % of it (see the
-breakdown). The daemon's own work sits in three places: before `create` (the accept reply, the journal
-record, the runner thread, the workspace and `task.json`, the STAGED record), after the container exits
-(an inspect for OOMKilled, two log reads, the EXITED record, then `remove`) and after `remove` (output
-scan, the UPLOADED record, `complete`). On a quiet engine that is 20–50 ms a task (ratios 0.96–1.15 in
-four runs while building this); while other sessions ran Docker tests every Docker call got slower, the
-daemon's extra calls with them, and the ratio ranged 1.09–1.34 between runs. The py-spy table above (wall clock of
-the task threads) has no single item worth more than a few per cent: status-file writes and journal
-writes ~20 ms each, the pre-wait inspect (which partly overlaps the container's own exit), the log reads
-and the workspace ~15 ms each. An A/B run with proposals 1–3 below monkeypatched into the daemon
-(`sitecustomize` on `PYTHONPATH`) stayed within the noise on a quiet engine (+50 and −13 ms against +20
-and +34 ms unpatched): they are worth having for a busy host, not a cure for a missed target.
+(storage driver fuse-overlayfs, 2 cores) *created → started* alone is 60–70 % of it (see the breakdown).
+The daemon adds its own work in three places: before `create` (the accept reply, the journal record,
+the runner thread, the workspace and `task.json`, the STAGED record), after the container exits (the
+EXITED record, log reads, then `remove`) and after `remove` (output scan, the UPLOADED record,
+`complete`). That is 20–90 ms a task, so the ratio landed between 0.96 and 1.3 in interleaved runs
+(observed while building this benchmark), depending mostly on two things the host decides:
 
-**Queue drain.** The ideal (100 / 4 × the serial bare time) assumes the engine starts four containers
-in the time of one. It does not here: bare Docker SDK calls with four threads drain the same 100
-containers only about ×1.3–1.4 faster than one after the other, because creating, starting and
-removing a container is CPU work in dockerd, containerd, runc and fuse-overlayfs, and this machine has
-two cores that other sessions share. So no agent can meet 1.5 × ideal on this host; the figure to read
-is the daemon against bare Docker with the same parallelism (`drain.ratio`, in brackets), which was
-1.0–1.3 (the naive agent needs 500 s). On a saturated CPU the daemon's own CPU time per task (see the
-note above) competes with dockerd directly. A CPU profile of the drain daemon (py-spy without
-`--idle`, 100 tasks at capacity 4 under load) spent per task: ~50 ms writing the status file (about ten
-create-and-rename writes per task in the data dir), ~39 ms in fsync'd journal writes, ~33 ms reading the
-logs, ~14 ms in `accept`/`complete` and ~8 ms polling, ~10 ms removing the workspace.
+- *fsync latency.* A trivial task costs the daemon 12 fsyncs: five journal records (the accept, STAGED,
+  LAUNCHED, EXITED, UPLOADED), each fsync'd with its directory, and `task.json`. On a quiet disk one is
+  ~1 ms; while other sessions ran tests, a probe doing the same fsync'd 2 KiB write measured 100–850
+  ms (see the host note above for this run's figure). Bare Docker does none.
+- *CPU.* The daemon makes ten Docker API calls per task where the bare loop makes five: an inspect
+  before `wait`, an inspect after it (for OOMKilled), and two log reads, each of which docker-py
+  precedes with its own inspect (`logs()` checks whether the container has a TTY). Each call is
+  CPU time in the daemon (requests/urllib3, ~2 ms) and in dockerd, on two cores that `start` already
+  saturates. A py-spy `--gil` profile of 20 tasks put the daemon's Python time at ~45 ms a task after
+  start-up: 10 ms reading logs, 4 ms waiting (with its inspect), 4 ms the pre-wait inspect, ~7 ms
+  launching, ~5 ms polling, the rest small.
+
+An A/B run with proposals 1–3 below monkeypatched into the daemon (`sitecustomize` on `PYTHONPATH`)
+stayed within the noise on a quiet host (+50 and −13 ms against +20 and +34 ms unpatched): each item is
+a few ms; together they matter on a busy host, where every fsync and every Docker call gets slower.
+
+**Queue drain.** The ideal (100 / 4 × the serial bare time) assumes the engine starts four containers in
+the time of one. It does not here: bare Docker SDK calls with four threads drain the same 100
+containers only ×1.4–1.6 faster than one after the other, because creating, starting and removing a
+container is CPU work in dockerd, containerd, runc and fuse-overlayfs, and this machine has two cores
+that other sessions share. No agent can meet 1.5 × ideal on this host; the figure to read is the daemon
+against bare Docker with the same parallelism (`drain.ratio`, in brackets: 0.9–1.3 while building
+this; the naive one-task-per-poll agent needs 500 s). What makes up the difference is the per-task
+work above, now competing with dockerd for the CPU. A CPU profile of the drain daemon (py-spy without
+`--idle`, which also counts time blocked in file system calls; 100 tasks at capacity 4 on a busy host)
+spent per task: ~50 ms writing the status file (about ten create-and-rename writes a task, stalled
+behind other writers' journal commits), ~39 ms in fsync'd journal writes, ~33 ms reading logs, ~14 ms
+in `accept`/`complete` and ~8 ms polling, ~10 ms removing the workspace.
 
 **Scaling.** `sleep 1` tasks scale like bare Docker with the same parallelism: both lose to the same
-per-container CPU work once several containers start and stop at the same moment on two cores. Where
-the daemon's speedup at capacity 4 falls short of ×3.4, compare it with the bare speedup on the same
-row: the difference between the two is the daemon's; the rest is the host's.
+per-container CPU work once several containers start and stop at once on two cores. Read the daemon's
+speedup against the bare speedup on the same row: the difference between the two is the daemon's, the
+rest is the host's.
 
-**Memory, transfers, idle.** Uploads and downloads stream: the RSS hardly moves while 1 GiB goes
-either way (the download's few MiB are httpx's buffers and the 1 MiB write chunks). The upload rate is
-the dev server's (its multipart parser is pure Python, in the benchmark process); the daemon gets the
-same rate as a plain httpx upload within the noise. Idle, the daemon polls every 5 s and heartbeats
-every 15 s; that costs well under 1 % of a core.
+**Memory, transfers, idle.** Uploads and downloads stream: the RSS hardly moves while 1 GiB goes either
+way (the download's few MiB are httpx's buffers and the 1 MiB write chunks). The upload rate is the
+dev server's (its multipart parser is pure Python, in the benchmark process), and the daemon gets the
+same rate as a plain httpx upload. After the last byte the daemon needs two fsync'd journal writes
+before `complete` (the upload's id, then the UPLOADED record); on a busy disk that took up to 1.5 s in
+one run while building this, which is why the transfer is timed to the last byte stored and this gap is
+a separate note. Idle, the daemon polls every 5 s and heartbeats every 15 s, well under 1 % of a core.
 
 ## Proposals (from the profiles; not applied)
 
 1. `agent_core/scheduler.py`, `Scheduler.write_status`: every runner phase change and journal save
-   rewrites `status.json` (about ten times a task, each a mkstemp + write + rename in the data dir, and
-   with it a walk over all runners). Mark the status dirty instead and let one thread write it at most
-   about once a second (the heartbeat thread already wakes up regularly), plus once at exit.
-2. `agent_core/runner.py`, `TaskRunner._await_exit`: the `executor.inspect()` before `wait` is only
-   needed when the runner resumes a journaled LAUNCHED task (a crash between create and start); for a
-   container this runner has just started it is one more Docker call per task. Do it only on recovery.
-3. `agent_core/executor.py`, `DockerExecutor.wait`: the `inspect_container` after `wait` is there for
+   rewrites `status.json` (about ten times a task, each a mkstemp + write + rename in the data dir, and a
+   walk over all runners). Mark it dirty instead and let one thread write it at most about once a second
+   (the heartbeat thread already wakes regularly), and once at exit.
+2. `agent_core/runner.py`, `TaskRunner._await_exit`: the `executor.inspect()` before `wait` is needed
+   only when resuming a journaled LAUNCHED task (a crash between create and start); for a container the
+   runner has just started it is one more Docker call per task. Do it on recovery only.
+   `agent_core/executor.py`, `DockerExecutor.wait`: the `inspect_container` after `wait` is there for
    OOMKilled; an OOM kill exits non-zero (137), so inspect only when the exit code is not 0.
-4. `agent_core/runner.py`, `TaskRunner._collect`: the UPLOADED record is fsync'd even when nothing was
-   uploaded; recovering from EXITED recomputes the same completion, so that save can be skipped when
-   there were no uploads (one of the five fsync'd journal writes of a trivial task).
+3. `agent_core/executor.py`, `DockerExecutor.save_logs`: two `logs()` calls, and docker-py's `logs()`
+   inspects the container first (`_check_is_tty`): four API calls. Task containers never have a TTY, so
+   one `GET /containers/{id}/logs?stdout=1&stderr=1` read as a stream and split by the 8-byte frame
+   headers (byte 0: 1 = stdout, 2 = stderr) into the two tail files does it in one.
+4. `agent_core/journal.py`, `Journal.save`: fsync the directory only when the record file is new.
+   Later saves replace a valid record with a newer one; if a power cut loses the rename, recovery
+   resumes from the previous stage, which every stage is written to allow. And
+   `agent_core/runner.py`, `TaskRunner._collect`: skip the UPLOADED save when nothing was uploaded
+   (recovery from EXITED computes the same completion). Together: 12 fsyncs per trivial task → 7.
 5. `tests/docker_fixtures.py`, `Cleanup.sweep_managed` defaults to `True`: at teardown a test removes
    every agent-core-managed container created while it ran, including those of other test sessions
-   and of this benchmark on the same engine (tasks then fail with "can not get logs from container
-   which is dead or marked for removal"). Defaulting it to `False`, with tests that need it opting in
-   or tracking their containers by label/service, would stop sessions from breaking each other.
+   and of this benchmark on the same engine (their tasks fail with "can not get logs from container
+   which is dead or marked for removal"). Defaulting it to `False`, with the tests that need it opting
+   in or tracking their containers by label or service, would stop parallel sessions breaking each other.
 """
 
 
@@ -1066,8 +1125,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 b.profile_dir = args.profile
             mach = machine(b.docker)
-            for name in only:
-                run_section(b, name)
+            with HostProbe(b.root) as host:
+                for name in only:
+                    run_section(b, name)
+            if summary := host.summary():
+                b.results.note(summary)
             if b.disturbed:
                 b.results.note(f"{len(b.disturbed)} daemon task(s) failed because a concurrent test session's "
                                "cleanup removed their container; they are left out of per-task figures")

@@ -95,7 +95,6 @@ class Agent:
 @pytest.fixture
 def make_agent(tmp_path, dev_server, dev_client, busybox_image, docker_cleanup):
     """make_agent({"executor.capacity": 4, ...}) -> a registered Agent (dotted config keys)."""
-    docker_cleanup.sweep_managed = False  # our containers are found by service id
     agents: list[Agent] = []
 
     def make(settings: dict[str, Any] | None = None) -> Agent:

@@ -116,10 +116,10 @@ class Cleanup:
         self.started = time.time() - 1.0
         self._ids: set[str] = set()
         self._services: set[str] = set()
-        # Sweeps any agent-core-managed container created since the test began, even one a
-        # concurrent test session made on the same engine: call track_service() and turn this
-        # off where that matters.
-        self.sweep_managed = True
+        # On, it also sweeps every agent-core-managed container created since the test began,
+        # even one a concurrent test session or a benchmark made on the same engine: so it is
+        # off unless a test asks for it; agents are found by track_service().
+        self.sweep_managed = False
 
     def track(self, container_id: str) -> str:
         self._ids.add(container_id)

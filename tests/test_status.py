@@ -32,7 +32,7 @@ def test_status_shows_a_running_task_with_its_stage_and_container(make_agent, de
 
     task = wait_until(running_task, 60, "status to show the task running")
     (container,) = containers_of(docker_engine, agent.service_id)
-    assert task["container"] == container.id[:12]
+    assert task["container"] == container["Id"][:12]
     assert 0 <= task["age_secs"] < 60
     daemon = live_status(agent)
     assert daemon["running"] and daemon["state"] == "running"
@@ -42,7 +42,7 @@ def test_status_shows_a_running_task_with_its_stage_and_container(make_agent, de
     # and the text form has one line for it: id, stage, age, container
     text = agent_cli("status", config_path=agent.config_path, check=True).stdout
     (line,) = [ln for ln in text.splitlines() if task_id in ln]
-    assert line.split()[:2] == [task_id, "running"] and line.endswith(f"container {container.id[:12]}")
+    assert line.split()[:2] == [task_id, "running"] and line.endswith(f"container {container['Id'][:12]}")
     assert "last poll" in text and "last heartbeat" in text
 
     # After the task, it is gone from the list while the daemon goes on
