@@ -1039,31 +1039,25 @@ before `complete` (the upload's id, then the UPLOADED record); on a busy disk th
 one run while building this, which is why the transfer is timed to the last byte stored and this gap is
 a separate note. Idle, the daemon polls every 5 s and heartbeats every 15 s, well under 1 % of a core.
 
-## Proposals (from the profiles; not applied)
+## Proposals from the profiles, and what became of them
 
-1. `agent_core/scheduler.py`, `Scheduler.write_status`: every runner phase change and journal save
-   rewrites `status.json` (about ten times a task, each a mkstemp + write + rename in the data dir, and a
-   walk over all runners). Mark it dirty instead and let one thread write it at most about once a second
-   (the heartbeat thread already wakes regularly), and once at exit.
-2. `agent_core/runner.py`, `TaskRunner._await_exit`: the `executor.inspect()` before `wait` is needed
-   only when resuming a journaled LAUNCHED task (a crash between create and start); for a container the
-   runner has just started it is one more Docker call per task. Do it on recovery only.
-   `agent_core/executor.py`, `DockerExecutor.wait`: the `inspect_container` after `wait` is there for
-   OOMKilled; an OOM kill exits non-zero (137), so inspect only when the exit code is not 0.
-3. `agent_core/executor.py`, `DockerExecutor.save_logs`: two `logs()` calls, and docker-py's `logs()`
-   inspects the container first (`_check_is_tty`): four API calls. Task containers never have a TTY, so
-   one `GET /containers/{id}/logs?stdout=1&stderr=1` read as a stream and split by the 8-byte frame
-   headers (byte 0: 1 = stdout, 2 = stderr) into the two tail files does it in one.
-4. `agent_core/journal.py`, `Journal.save`: fsync the directory only when the record file is new.
-   Later saves replace a valid record with a newer one; if a power cut loses the rename, recovery
-   resumes from the previous stage, which every stage is written to allow. And
-   `agent_core/runner.py`, `TaskRunner._collect`: skip the UPLOADED save when nothing was uploaded
-   (recovery from EXITED computes the same completion). Together: 12 fsyncs per trivial task → 7.
-5. `tests/docker_fixtures.py`, `Cleanup.sweep_managed` defaults to `True`: at teardown a test removes
-   every agent-core-managed container created while it ran, including those of other test sessions
-   and of this benchmark on the same engine (their tasks fail with "can not get logs from container
-   which is dead or marked for removal"). Defaulting it to `False`, with the tests that need it opting
-   in or tracking their containers by label or service, would stop parallel sessions breaking each other.
+1. *Applied.* `Scheduler.write_status` ran on every runner phase change and journal save (about ten
+   create-and-rename writes a task). The scheduler now marks the status dirty and one thread rewrites
+   `status.json` at most every 0.5 s (`STATUS_EVERY_SECS`); a stop step still writes at once.
+2. *Applied.* `TaskRunner._await_exit` inspects the container before `wait` only when resuming a
+   journaled task (a crash between create and start), and `DockerExecutor.wait` inspects for
+   OOMKilled only when the exit code is not 0 (an OOM kill never exits 0): two Docker calls fewer a task.
+3. *Not applied.* `DockerExecutor.save_logs` makes two `logs()` calls, each preceded by docker-py's
+   TTY inspect: four API calls. One `GET /containers/{id}/logs?stdout=1&stderr=1` split by the 8-byte
+   frame headers would do it in one, but needs docker-py's private socket helpers; a few ms a task.
+4. *Not applied.* `Journal.save` could fsync the directory only when a record is new, and `_collect`
+   skip the UPLOADED save when nothing was uploaded (12 fsyncs per trivial task → 7). A lost rename
+   would then replay an older stage, and re-upload a file whose id was in the lost record; we keep
+   every stage durable instead. On a quiet disk each fsync is ~1 ms.
+5. *Applied.* The test fixture `Cleanup.sweep_managed` used to remove every agent-core container
+   created while a test ran, including other sessions' and this benchmark's (their tasks failed with
+   "can not get logs from container which is dead or marked for removal"). It is now off by default;
+   tests find their agents' containers by service id.
 """
 
 

@@ -5,27 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from agent_core import config
+from tests.helpers import wait_until  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 def agent_cli(*args: str, config_path: Path | None = None, check: bool = False, timeout: float = 120,

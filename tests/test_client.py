@@ -7,7 +7,6 @@ on demand) from a canned one-answer server below.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import pytest
@@ -28,6 +26,7 @@ from agent_core.devclient import DevClient
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
                                WorkspaceError)
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration
+from tests.helpers import sha256_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,14 +73,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as src:
-        while chunk := src.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Canned(BaseHTTPRequestHandler):

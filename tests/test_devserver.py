@@ -19,6 +19,7 @@ import pytest
 
 from agent_core.devclient import DevClient, DevClientError
 from agent_core.devserver import DevServer
+from tests.helpers import sha256_file, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,18 +30,6 @@ MiB = 1024 * 1024
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary") -> tuple[bytes, str]:
     """Build a multipart body by hand, in the given order: (name, filename or None, data)."""
     out = b""
@@ -48,14 +37,6 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary")
         disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
         out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as src:
-        while chunk := src.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Agent:
@@ -404,7 +385,7 @@ def test_rate_limit_counts_every_request_per_key(make_dev_server, new_agent):
         assert server.stats["429"] == 2 and server.stats["rate_limited"] == 2
 
         # a sliding window: once the hits age out, requests pass again (every try counts, so try slowly)
-        wait_until(lambda: agent.call("poll", {}).status_code == 200, timeout=5, interval=0.3,
+        wait_until(lambda: agent.call("poll", {}).status_code == 200, timeout=5, step=0.3,
                    what="the window to slide")
 
 
