@@ -10,7 +10,7 @@ from agent_core import metrics, process
 from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import EXIT_FAILURE
-from agent_core.executor import DockerExecutor
+from agent_core.executor import DockerExecutor, check_mounts
 from agent_core.scheduler import ExitNow, Scheduler
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ DOCKER_POOL_MARGIN = 6
 
 def serve(cfg: Config, *, burst: bool = False) -> int:
     cfg.require_registration()
+    check_mounts(cfg)  # a config error (exit 2) at start, not a failure of every task
     data_dir = process.ensure_data_dir(cfg.paths.data_dir)
     pidfile = process.PidFile(data_dir)
     pidfile.acquire()

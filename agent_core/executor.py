@@ -159,6 +159,13 @@ class ContainerSpec:
         return self.labels.get(LABEL_TASK, "")
 
 
+def check_mounts(cfg: Config) -> None:
+    """Every `[[paths.mounts]]` host path must exist (Docker would make a missing one, empty and root-owned)."""
+    for i, mount in enumerate(cfg.paths.mounts):
+        if not Path(mount.host).exists():
+            raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {mount.host} does not exist")
+
+
 def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
                extra_labels: Mapping[str, str] | None = None) -> ContainerSpec:
     """The container for one task, following the executor contract (protocol.md §5)."""
@@ -182,12 +189,9 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
     workspace = Path(workspace).absolute()
     if not workspace.is_dir():
         raise WorkspaceError(f"workspace {workspace} does not exist or is not a directory")
+    check_mounts(cfg)
     binds = [Bind(hostpaths.bind_source(workspace), WORKSPACE_MOUNT, readonly=False)]
-    for i, mount in enumerate(cfg.paths.mounts):
-        host = Path(mount.host)
-        if not host.exists():
-            raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {host} does not exist")
-        binds.append(Bind(hostpaths.bind_source(host), mount.container, readonly=mount.readonly))
+    binds += [Bind(hostpaths.bind_source(Path(m.host)), m.container, readonly=m.readonly) for m in cfg.paths.mounts]
 
     labels: dict[str, str] = {}
     for key, value in (extra_labels or {}).items():

@@ -89,6 +89,8 @@ class Task:
 class PollResult:
     task: Task | None = None
     cancel_task_id: str | None = None
+    # (id, why): a task we cannot parse; it still has to leave the queue, which poll offers oldest first
+    malformed: tuple[str, str] | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> PollResult:
@@ -98,7 +100,13 @@ class PollResult:
             cancel_id = _field(obj, "cancel_task_id", str, "poll")
         task = None
         if obj.get("has_task") and obj.get("task") is not None:
-            task = Task.from_json(obj["task"])
+            try:
+                task = Task.from_json(obj["task"])
+            except ProtocolViolation as e:
+                raw_id = obj["task"].get("id") if isinstance(obj["task"], dict) else None
+                if not isinstance(raw_id, str):
+                    raise
+                return cls(cancel_task_id=cancel_id, malformed=(raw_id, str(e)))
         return cls(task=task, cancel_task_id=cancel_id)
 
 

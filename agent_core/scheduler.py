@@ -186,6 +186,8 @@ class Scheduler:
                 self._on_cancel(result.cancel_task_id)
             elif result.task is not None:
                 again = self._on_offer(result.task)
+            elif result.malformed is not None:
+                self._refuse(result.malformed[0], f"malformed task refused: {result.malformed[1]}")
             elif self.burst and self.load == 0 and not self._side_jobs:
                 log.info("queue empty and nothing running: leaving (burst mode)")
                 return

@@ -281,3 +281,12 @@ def test_run_unregistered_is_a_usage_error(tmp_path):
     proc = agent_cli("run", config_path=path)
     assert proc.returncode == 2
     assert "register" in one_line(proc.stderr)
+
+
+def test_run_with_a_missing_mount_host_path_is_a_config_error(tmp_path):
+    path = registered_config(tmp_path)
+    config.update(path, {"paths.mounts": [{"host": str(tmp_path / "gone"), "container": "/creds"}]})
+    proc = agent_cli("run", config_path=path, timeout=60)
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert "paths.mounts[0].host" in line and "does not exist" in line

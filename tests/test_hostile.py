@@ -124,6 +124,8 @@ def test_hostile_task_ids_are_refused_and_hostile_names_land_inside_input(make_a
                           "cp /workspace/task.json /workspace/output/seen-task.json"))
     refused = [dev_server.faults.offer_raw_task(agent.service_id, {"id": i, "task_prompt": "p"})
                for i in HOSTILE_IDS]
+    malformed = dev_server.faults.offer_raw_task(agent.service_id, {"id": "malformed", "task_prompt": "p",
+                                                                   "input_files": "not a list"})
     contents = {f"in-{n}": f"content {n}\n".encode() for n in range(len(HOSTILE_NAMES))}
     named = dev_server.faults.offer_raw_task(agent.service_id, {
         "id": "hostile-names", "task_prompt": "names",
@@ -135,6 +137,8 @@ def test_hostile_task_ids_are_refused_and_hostile_names_land_inside_input(make_a
         task = wait_done(dev_server, key)
         assert task["status"] == "failed" and task["error_message"].startswith("task id refused"), task
         assert len(task["error_message"]) < 300
+    task = wait_done(dev_server, malformed)  # a task we cannot parse leaves the queue with the reason
+    assert task["status"] == "failed" and "input_files" in task["error_message"], task
     # and every input landed inside input/ under a sanitised name, numbered in server order
     result = wait_done(dev_server, named)
     assert result["status"] == "completed", result
