@@ -43,7 +43,6 @@ class RetryPolicy:
     log_level: int = logging.WARNING  # of each "failed, retrying" line
 
 
-NO_RETRY = RetryPolicy(attempts=1)
 FEW = RetryPolicy(attempts=4, max_wait=10.0)
 # `agent-core register` reports its outcome in one line: retries are not news on its terminal
 REGISTER = RetryPolicy(attempts=4, max_wait=10.0, log_level=logging.INFO)

@@ -28,7 +28,6 @@ translated into these only at the edges (client, executor, workspace, journal).
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
