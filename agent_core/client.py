@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import random
 import ssl
 import threading
 import time
@@ -111,6 +112,20 @@ def _check_reply(response: httpx.Response, endpoint: str) -> None:
     """A 2xx whose body we do not use must still be JSON (or empty): garbage means a broken answer."""
     if response.content:
         _json(response, endpoint)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for loops that retry on their own (outside tenacity)."""
+
+    def __init__(self, initial: float = 1.0, cap: float = 60.0):
+        self.initial, self.cap, self.failures = initial, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(self.initial, min(self.cap, self.initial * 2 ** self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 class Client:

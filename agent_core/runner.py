@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Callable
 
 from agent_core import logs
 from agent_core import workspace as wsmod
-from agent_core.client import Client
+from agent_core.client import Backoff, Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerError,
                                ServerRejected, ServerUnavailable, TaskGone, WorkspaceError)
@@ -215,7 +214,7 @@ class TaskRunner:
 
     def _download(self, file_id: str, path: Path) -> None:
         """One input file, retried while the server is unavailable: an outage must not fail the task."""
-        backoff = DOWNLOAD_BACKOFF_SECS
+        backoff = Backoff(DOWNLOAD_BACKOFF_SECS, DOWNLOAD_BACKOFF_CAP_SECS)
         while True:
             try:
                 self.deps.client.download(file_id, path, self.deps.cfg.limits.max_input_bytes)
@@ -224,11 +223,10 @@ class TaskRunner:
                 self._check_exiting()
                 if self._cancelled.is_set():
                     raise
-                pause = random.uniform(backoff / 2, backoff)
+                pause = backoff.next()
                 self.log.warning("task %s: download of input %s failed, trying again in %.0f s: %s",
                                  self.task_id, file_id, pause, e)
             self._cancelled.wait(pause)  # a cancel cuts the wait short
-            backoff = min(backoff * 2, DOWNLOAD_BACKOFF_CAP_SECS)
 
     def _launch(self) -> None:
         if self._cancelled.is_set():

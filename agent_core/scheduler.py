@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from pathlib import Path
 
 from agent_core import process
 from agent_core import workspace as wsmod
-from agent_core.client import Client
+from agent_core.client import Backoff, Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, AuthRejected, DiskFull, DockerUnavailable, ServerError,
                                TaskGone, UnsafePath)
@@ -41,20 +40,6 @@ STATE_NAMES = ("running", "draining", "cancelling", "exiting")
 
 class ExitNow(SystemExit):
     """Raised in the main thread by the third signal."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter, for the supervisor's own retries."""
-
-    def __init__(self, initial: float = 1.0, cap: float = 60.0):
-        self.initial, self.cap, self.failures = initial, cap, 0
-
-    def next(self) -> float:
-        self.failures += 1
-        return random.uniform(self.initial, min(self.cap, self.initial * 2 ** self.failures))
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class _Throttled:

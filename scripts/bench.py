@@ -171,63 +171,65 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class RssSampler:
-    """Samples a process's RSS in a thread; `peak` is the highest seen."""
+class Sampling:
+    """A thread that calls `sample()` every `every` seconds while the `with` block runs."""
 
-    def __init__(self, pid: int, every: float = RSS_SAMPLE_SECS):
-        self.proc = psutil.Process(pid)
+    def __init__(self, every: float, name: str):
         self.every = every
-        self.samples: list[int] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while True:
-            with contextlib.suppress(psutil.Error):
-                self.samples.append(self.proc.memory_info().rss)
+            self.sample()
             if self._stop.wait(self.every):
                 return
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RssSampler(Sampling):
+    """Samples a process's RSS; `peak` is the highest seen."""
+
+    def __init__(self, pid: int, every: float = RSS_SAMPLE_SECS):
+        super().__init__(every, "rss-sampler")
+        self.proc = psutil.Process(pid)
+        self.samples: list[int] = []
+
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.samples.append(self.proc.memory_info().rss)
 
     @property
     def peak(self) -> int:
         return max(self.samples)
 
 
-class HostProbe:
+class HostProbe(Sampling):
     """The shared host's state through the run, to read the figures by: once a second, the 1-minute
     load average and how long one fsync'd 2 KiB write (as the journal does) takes on the
     filesystem that holds the agents' data dirs."""
 
     def __init__(self, root: Path, every: float = 1.0):
-        self.root, self.every = root, every
+        super().__init__(every, "host-probe")
+        self.path = root / "fsync-probe"
         self.load: list[float] = []
         self.fsync: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="host-probe", daemon=True)
 
-    def _run(self) -> None:
-        path = self.root / "fsync-probe"
-        while not self._stop.wait(self.every):
-            self.load.append(os.getloadavg()[0])
-            started = time.monotonic()
-            write_atomic(path, "x" * 2048)
-            self.fsync.append(time.monotonic() - started)
-
-    def __enter__(self) -> HostProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.load.append(os.getloadavg()[0])
+        started = time.monotonic()
+        write_atomic(self.path, "x" * 2048)
+        self.fsync.append(time.monotonic() - started)
 
     def summary(self) -> str | None:
         if not self.load:
