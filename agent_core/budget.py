@@ -5,6 +5,11 @@ answers 429 with `Retry-After: 60` - heartbeats included, and 60 s without a
 heartbeat costs the node its tasks. So every request takes a slot here first:
 heartbeats may use the whole budget, everything else must leave `reserve`
 slots free, and when slots are short the waiting calls go in priority order.
+
+A 429 holds everything but heartbeats, budget or not (limit 0 only turns the pacing off).
+The server's `Retry-After` is always 60, yet its window counts only the requests it let
+through, so a 429 spell can end much sooner: the hold lasts until the oldest request on
+our own record leaves the window, when one probe finds out, with Retry-After as the bound.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ log = logging.getLogger(__name__)
 PRIORITY = {"heartbeat": 0, "complete": 1, "upload": 2, "accept": 3, "download": 4, "poll": 5, "register": 5}
 
 
+MIN_PROBE = 1.0  # after a 429, never ask again sooner: a wrong guess costs one refusal a second
+MAX_PAUSE = 120.0  # whatever Retry-After a hostile server sends
+
+
 class Aborted(Exception):
     """The caller's abort event was set while waiting for a slot."""
 
@@ -35,7 +44,7 @@ class RequestBudget:
         self.window = window
         self._clock = clock
         self._cond = threading.Condition()
-        self._sent: collections.deque[float] = collections.deque()
+        self._sent: collections.deque[float] = collections.deque()  # every request, paced or not
         self._waiting: list[tuple[int, int]] = []  # (priority, ticket) of callers waiting
         self._tickets = 0
         self._paused_until = 0.0  # after a 429: only heartbeats until then
@@ -54,14 +63,12 @@ class RequestBudget:
             return self._paused_until - now
         if min(self._waiting) != ticket:
             return self.window  # someone ahead of us; we are woken when it goes
-        if len(self._sent) < self._cap(kind):
+        if not self.limit or len(self._sent) < self._cap(kind):
             return 0.0
         return self._sent[0] + self.window - now
 
     def acquire(self, kind: str, *aborts: threading.Event | None) -> None:
         """Block until `kind` may send one request; raises Aborted if one of `aborts` is set meanwhile."""
-        if not self.limit:
-            return
         with self._cond:
             self._tickets += 1
             ticket = (PRIORITY[kind], self._tickets)
@@ -83,10 +90,14 @@ class RequestBudget:
                 self._cond.notify_all()
 
     def throttle(self, retry_after: float | None) -> None:
-        """The server said 429 anyway: hold everything but heartbeats for Retry-After."""
-        pause = retry_after if retry_after is not None else self.window
+        """The server said 429: hold everything but heartbeats until its window should have room."""
+        bound = min(MAX_PAUSE, retry_after if retry_after is not None else self.window)
         with self._cond:
             now = self._clock()
+            self._expire(now)
+            # refusals are not counted there, so the oldest request we sent is the next to leave
+            room = self._sent[0] + self.window - now if self._sent else bound
+            pause = min(bound, max(MIN_PROBE, room))
             first = now >= self._paused_until
             self._paused_until = max(self._paused_until, now + pause)
             self.throttled += 1

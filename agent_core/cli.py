@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,14 @@ log = logging.getLogger("agent_core")
 
 
 class _Group(click.Group):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command's whole first sentence, wrapped (click cuts it at the line's end with "...")."""
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -48,26 +55,56 @@ def _config_path(ctx: click.Context) -> Path:
     return Path(ctx.ensure_object(dict).get("config") or configmod.DEFAULT_CONFIG_NAME)
 
 
-def _load(ctx: click.Context) -> configmod.Config:
-    return configmod.load(_config_path(ctx))
+def _warn(ctx: click.Context, cfg: configmod.Config) -> None:
+    """The config's warnings as plain lines on stderr, once per command however often it is loaded."""
+    obj = ctx.ensure_object(dict)
+    if not obj.get("warned"):
+        obj["warned"] = True
+        for line in configmod.warnings(cfg):
+            click.echo(f"warning: {line}", err=True)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _load(ctx: click.Context, path: Path | None = None) -> configmod.Config:
+    cfg = configmod.load(path or _config_path(ctx))
+    _warn(ctx, cfg)
+    return cfg
+
+
+EPILOG = """\b
+Getting started:
+  agent-core init --server https://aaas.example.org   write ./config.toml (0600)
+  agent-core register --token <TOKEN>                  store service_id and api_key
+  agent-core doctor                                    check Docker, image, server
+  agent-core run                                       serve tasks (or run-detached)
+
+\b
+The config file is --config PATH, else $AGENT_CORE_CONFIG, else ./config.toml.
+Exit codes: 0 success, 1 runtime failure (server, Docker, a check failed),
+2 usage or configuration error (fix the command line or the config).
+"""
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="agent-core")
 @_config_option(envvar="AGENT_CORE_CONFIG")
 def cli() -> None:
-    """Run OpenAaaS tasks in Docker containers on this host."""
+    """Run OpenAaaS tasks in Docker containers on this host.
+
+    The agent polls the server for tasks, runs each in a fresh container with its
+    input files under /workspace, uploads the outputs and reports the result.
+    """
     logs.setup("warning")
 
 
 @cli.command()
 @_config_option()
-@click.option("--force", is_flag=True, help="Overwrite an existing file (its credentials are lost).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing file; the old one is kept as <file>.bak-<time> (0600).")
 @click.option("--server", "base_url", metavar="URL", help="Set server.base_url.")
 @click.pass_context
 def init(ctx: click.Context, force: bool, base_url: str | None) -> None:
-    """Write a commented default config file."""
-    path = configmod.init(_config_path(ctx), force=force, base_url=base_url)
+    """Write a commented default config file (0600); nothing is written when it fails."""
+    path = configmod.init(_config_path(ctx), force=force, base_url=base_url, say=click.echo)
     click.echo(f"wrote {path}")
     click.echo(f"next: check server.base_url, then `agent-core --config {path} register --token <token>`")
 
@@ -80,12 +117,17 @@ def init(ctx: click.Context, force: bool, base_url: str | None) -> None:
 @click.option("--force", is_flag=True, help="Register again although credentials exist.")
 @click.pass_context
 def register(ctx: click.Context, token: str | None, name: str | None, force: bool) -> None:
-    """Register with the server; stores service_id and api_key in the config."""
+    """Register with the server once; stores service_id and api_key in the config."""
     cfg = _load(ctx)
     if cfg.agent.registered and not force:
         click.echo(f"already registered as service {cfg.agent.service_id} "
                    "(use --force to register again with a new token)")
         return
+    _register(cfg, token, name)
+
+
+def _register(cfg: configmod.Config, token: str | None, name: str | None = None) -> configmod.Config:
+    """Register with `token` (asked for on a terminal when None), store the credentials, return the new config."""
     cfg.require_server()
     if not token:
         if not sys.stdin.isatty():
@@ -101,6 +143,33 @@ def register(ctx: click.Context, token: str | None, name: str | None, force: boo
         changes["agent.name"] = name
     configmod.update(cfg.path, changes)
     click.echo(f"registered: service id {reg.service_id}")
+    return configmod.load(cfg.path)  # its warnings were said when it was first loaded
+
+
+def with_ages(live: dict[str, Any], now: float) -> dict[str, Any]:
+    """The daemon's status with every age computed now from its timestamps (a stored age is stale)."""
+    def age(ts: Any) -> float | None:
+        return round(max(0.0, now - ts), 1) if isinstance(ts, (int, float)) and ts > 0 else None
+
+    out = dict(live)
+    for key in ("started_at", "last_poll", "last_heartbeat", "stop_requested_at"):
+        if age(live.get(key)) is not None:
+            out[f"{key.removesuffix('_at')}_age_secs"] = age(live.get(key))
+    tasks = []
+    for task in live.get("tasks") or []:
+        task = dict(task)
+        if age(task.get("started_at")) is not None:
+            task["age_secs"] = age(task["started_at"])
+        if age(task.get("stage_since")) is not None:
+            task["stage_age_secs"] = age(task["stage_since"])
+        tasks.append(task)
+    if "tasks" in live:
+        out["tasks"] = tasks
+    errors = live.get("errors")
+    if isinstance(errors, dict):
+        out["errors"] = {kind: {**e, "age_secs": age(e.get("at"))} for kind, e in errors.items()
+                         if isinstance(e, dict)}
+    return out
 
 
 def _status(cfg: configmod.Config) -> dict[str, Any]:
@@ -117,8 +186,63 @@ def _status(cfg: configmod.Config) -> dict[str, Any]:
         "executor": {"executor_type": ex.executor_type, "image": ex.image, "capacity": ex.capacity,
                      "timeout_minutes": ex.timeout_minutes, "memory_limit": ex.memory_limit,
                      "network_mode": ex.network_mode},
-        "daemon": {"running": live is not None, **(live or {})},
+        "daemon": {"running": live is not None, **with_ages(live or {}, time.time())},
+        "warnings": process.same_service_elsewhere(cfg),
     }
+
+
+def _secs(value: Any) -> str:
+    return f"{value:.0f} s" if isinstance(value, (int, float)) else "?"
+
+
+def _mib(n: Any) -> str:
+    return f"{n / 1024**2:.1f}" if isinstance(n, (int, float)) else "?"
+
+
+def _progress(p: dict[str, Any]) -> str:
+    """ "down 1.0/2.0 MiB, up 1/3 files 0.5/1.2 MiB" from a task's progress dict (parts may be absent)."""
+    parts = []
+    if p.get("down_total") or p.get("down_bytes"):
+        parts.append(f"down {_mib(p.get('down_bytes', 0))}/{_mib(p.get('down_total'))} MiB")
+    if p.get("up_files_total") or p.get("up_files"):
+        parts.append(f"up {p.get('up_files', 0)}/{p.get('up_files_total', '?')} files "
+                     f"{_mib(p.get('up_bytes', 0))}/{_mib(p.get('up_bytes_total'))} MiB")
+    return ", ".join(parts)
+
+
+def _task_line(t: dict[str, Any]) -> str:
+    stage = f"{_secs(t.get('age_secs')):>7}"
+    if t.get("stage_age_secs") is not None:
+        stage += f" (stage {_secs(t['stage_age_secs'])})"
+    progress = _progress(t.get("progress") or {}) if isinstance(t.get("progress"), dict) else ""
+    return (f"  {t.get('id', '?')}  {t.get('stage', '?'):<11} {stage}  {progress + '  ' if progress else ''}"
+            f"container {t.get('container') or '-'}")
+
+
+def _daemon_lines(daemon: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    state = daemon.get("state") or "starting"
+    reason = f": {daemon['reason']}" if daemon.get("reason") else ""
+    lines = [("daemon", f"running (pid {daemon.get('pid')}, {state}{reason})")]
+    if daemon.get("name") and daemon["name"] != name:
+        lines.append(("runs as", f"{daemon['name']} (the name when it started)"))
+    if daemon.get("started_age_secs") is not None:
+        lines.append(("up", _secs(daemon["started_age_secs"])))
+    if "engine_ok" in daemon:
+        lines.append(("engine", "reachable" if daemon["engine_ok"] else "NOT reachable (no new tasks)"))
+    requests = daemon.get("requests") or {}
+    if requests.get("limit_per_minute"):
+        lines.append(("requests", f"{requests['sent_last_window']} in the last minute of "
+                                  f"{requests['limit_per_minute']}/min "
+                                  f"({requests['heartbeat_reserve']} kept for heartbeats)"))
+    for key in ("last_poll", "last_heartbeat"):
+        if daemon.get(f"{key}_age_secs") is not None:
+            lines.append((key.replace("_", " "), f"{_secs(daemon[f'{key}_age_secs'])} ago"))
+    for kind, error in (daemon.get("errors") or {}).items():
+        lines.append((f"last {kind} error", f"{_secs(error.get('age_secs'))} ago: {error.get('message', '')}"))
+    tasks = daemon.get("tasks") or []
+    capacity = f" of capacity {daemon['capacity']}" if daemon.get("capacity") else ""
+    lines.append(("tasks", f"{len(tasks)}{capacity}" if tasks else "none running"))
+    return lines
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -130,33 +254,19 @@ def _print_status(data: dict[str, Any]) -> None:
         ("data dir", data["data_dir"]),
         ("server", f"{data['server']['base_url'] or '(not set)'} (poll every "
                    f"{data['server']['poll_interval_secs']:g} s)"),
+        ("name", data["name"]),
         ("registered", f"yes, service {data['service_id']}" if data["registered"] else "no"),
         ("executor", f"{ex['executor_type']}, image {ex['image']}, capacity {ex['capacity']}, "
                      f"timeout {timeout}, memory {ex['memory_limit'] or 'no limit'}, "
                      f"network {ex['network_mode']}"),
-        ("daemon", f"running (pid {daemon['pid']}, {daemon.get('state', 'starting')})"
-                   if daemon["running"] else "not running"),
+        *(_daemon_lines(daemon, data["name"]) if daemon["running"] else [("daemon", "not running")]),
+        *(("warning", w) for w in data.get("warnings") or []),
     ]
-    if daemon["running"]:
-        requests = daemon.get("requests") or {}
-        if requests.get("limit_per_minute"):
-            lines.append(("requests", f"{requests['sent_last_window']} in the last minute of "
-                                      f"{requests['limit_per_minute']}/min "
-                                      f"({requests['heartbeat_reserve']} kept for heartbeats)"))
-        for key in ("last_poll", "last_heartbeat"):
-            if daemon.get(key):
-                lines.append((key.replace("_", " "), f"{_ago(daemon[key])} ago"))
-        tasks = daemon.get("tasks") or []
-        lines.append(("tasks", str(len(tasks)) if tasks else "none running"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         click.echo(f"{key:<{width}}  {value}")
     for t in (daemon.get("tasks") or []) if daemon["running"] else []:
-        click.echo(f"  {t['id']}  {t['stage']:<11} {t['age_secs']:>7.0f} s  container {t['container'] or '-'}")
-
-
-def _ago(ts: float) -> str:
-    return f"{max(0.0, time.time() - ts):.0f} s"
+        click.echo(_task_line(t))
 
 
 @cli.command()
@@ -164,7 +274,7 @@ def _ago(ts: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the configuration, the registration and the running daemon."""
+    """Show the config, the registration, and the running daemon's state, tasks and last errors."""
     data = _status(_load(ctx))
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -177,6 +287,8 @@ _log_options = [
     click.option("--log-format", type=click.Choice(configmod.LOG_FORMATS), help="Overrides logging.format."),
     click.option("--burst", is_flag=True, help="Leave when the queue is empty and no task runs."),
 ]
+# where run-detached's child logs, size-rotated per logging.max_bytes / logging.backups
+_log_file_option = click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 
 
 def _with_run_options(f):
@@ -185,17 +297,60 @@ def _with_run_options(f):
     return f
 
 
+def _base_url(answer: str) -> str:
+    try:
+        return configmod.normalise_base_url(answer)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None  # click.prompt shows it and asks again
+
+
+def _first_start(path: Path) -> None:
+    """Ask what a first start needs and write the file only after the last answer (Ctrl+C or EOF: no file)."""
+    default = configmod.default_value
+    click.echo(f"no config file at {path}: answer a few questions to write one (Enter takes the default)")
+    changes = {
+        "server.base_url": click.prompt("server URL", default=default("server.base_url"), value_proc=_base_url),
+        "paths.data_dir": click.prompt("data dir", default=default("paths.data_dir")),
+        "executor.image": click.prompt("executor image", default=default("executor.image")),
+        "executor.capacity": click.prompt("capacity (tasks at once)", default=default("executor.capacity"),
+                                          type=click.IntRange(min=1)),
+    }
+    configmod.init(path, changes=changes)
+    click.echo(f"wrote {path}")
+
+
+def _config_to_run(ctx: click.Context, interactive: bool) -> configmod.Config:
+    """On a terminal, ask for what is missing, as the reference agent does: the file, then a token."""
+    terminal = sys.stdin.isatty()
+    if interactive and not terminal:
+        raise UsageError("run --interactive needs a terminal (stdin is not one)")
+    path = _config_path(ctx)
+    if terminal and not path.exists():
+        _first_start(path)
+    cfg = _load(ctx, path)
+    if terminal and not cfg.agent.registered:
+        cfg = _register(cfg, None)
+    return cfg
+
+
 @cli.command()
 @_config_option()
 @_with_run_options
+@click.option("--interactive", is_flag=True,
+              help="Ask for a missing config file or registration token (needs a terminal; on one, run asks anyway).")
+@_log_file_option
 @click.pass_context
-def run(ctx: click.Context, log_level: str | None, log_format: str | None, burst: bool) -> None:
+def run(ctx: click.Context, log_level: str | None, log_format: str | None, burst: bool, interactive: bool,
+        log_file: Path | None) -> None:
     """Run the agent in the foreground (Ctrl+C: drain; again: cancel; a third time: exit at once)."""
     from agent_core.daemon import serve  # keeps Docker out of the other commands' start-up
 
-    cfg = _load(ctx)
+    cfg = _config_to_run(ctx, interactive)
+    for line in process.same_service_elsewhere(cfg):
+        click.echo(f"warning: {line}", err=True)
     logs.setup(log_level or cfg.logging.level, log_format or cfg.logging.format, stream=sys.stderr,
-               secrets=[cfg.agent.api_key or ""])
+               secrets=[cfg.agent.api_key or ""], file=log_file, max_bytes=cfg.logging.max_bytes,
+               backups=cfg.logging.backups)
     ctx.exit(serve(cfg, burst=burst))
 
 
@@ -204,7 +359,7 @@ def run(ctx: click.Context, log_level: str | None, log_format: str | None, burst
 @_with_run_options
 @click.pass_context
 def run_detached(ctx: click.Context, log_level: str | None, log_format: str | None, burst: bool) -> None:
-    """Start the agent in the background, logging to <data_dir>/agent.log."""
+    """Start the agent in the background, logging to <data_dir>/agent.log (rotated by size)."""
     cfg = _load(ctx)
     cfg.require_registration()
     args = [*(["--log-level", log_level] if log_level else []),
@@ -218,7 +373,10 @@ def run_detached(ctx: click.Context, log_level: str | None, log_format: str | No
 @click.option("--force", is_flag=True, help="Cancel running tasks at once instead of letting them finish.")
 @click.pass_context
 def stop(ctx: click.Context, force: bool) -> None:
-    """Stop the background agent: drain, then cancel, then kill."""
+    """Stop this data dir's agent: drain, then cancel, then kill; says how far it got.
+
+    While a stop is under way, a plain `stop` only reports it (exit 0); `--force` cancels.
+    """
     cfg = _load(ctx)
     try:
         process.stop(cfg.paths.data_dir, force=force, grace=cfg.agent.shutdown_grace_secs, say=click.echo)
@@ -231,15 +389,15 @@ def stop(ctx: click.Context, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def doctor_command(ctx: click.Context, as_json: bool) -> None:
-    """Check config, data dir, Docker, image, server, credentials (one heartbeat), disk and GPU."""
+    """Check config, data dir, Docker, image, server, credentials, disk and GPU, with fixes."""
     from agent_core import doctor  # keeps Docker out of the other commands' start-up
 
-    checks = doctor.run(_config_path(ctx))
+    checks = doctor.run(_config_path(ctx))  # its warnings are lines of the report, not stderr
     click.echo(doctor.to_json(checks) if as_json else doctor.render(checks))
     ctx.exit(doctor.exit_code(checks))
 
 
-@cli.group()
+@cli.group(cls=_Group)
 def service() -> None:
     """Install or remove a systemd unit that runs `agent-core run` for this config."""
 
@@ -270,6 +428,6 @@ def service_uninstall(user: bool) -> None:
 
 
 def main() -> None:
-    if hasattr(signal, "SIGPIPE"):  # `agent-core status | head` must not end in a traceback
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): a server closing a connection mid-upload must be an
+    # error `run` handles, not a silent death. A reader leaving `status | head` is click's EPIPE exit.
     cli(prog_name="agent-core")

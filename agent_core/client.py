@@ -5,21 +5,28 @@ and `heartbeat` none (their loops come round again soon), `accept` and
 `download` a few, `upload` and `complete` until acknowledged or finally refused.
 httpx errors become agent_core errors in exactly one place, `_request`.
 Transfers stream in both directions; only per-phase timeouts apply to them.
+An upload can be answered before its body is sent (over the size limit, 429, 408: see
+`upload`); some of those answers are final for the file (`UploadRefused`).
 The api_key travels in headers only and never appears in a message.
+Every reply is hostile until read: JSON replies are read up to `max_reply_bytes`,
+error bodies up to a few KiB, and every id in a URL is exactly one path segment.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import random
+import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, NamedTuple
+from urllib.parse import quote
 
 import httpx
 import tenacity
@@ -27,14 +34,20 @@ import tenacity
 from agent_core import __version__
 from agent_core.budget import Aborted, RequestBudget
 from agent_core.config import Config
-from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected,
-                               ServerUnavailable, TaskGone, WorkspaceError)
+from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
+                               UploadRefused, WorkspaceError)
 from agent_core.metrics import Metrics
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration, UploadedFile
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # limits.max_reply_bytes
+SNIPPET_BYTES = 4096  # of an error body: enough for any message worth showing
+UPLOAD_TIMEOUTS = 2  # 408s per file: a second try may meet a less busy link, a third would not
+UPLOAD_CUT_OFFS = 3  # sends of one file cut off in a row, the server up, before giving the file up
+# a 400 to an upload that is about the file's size (the reference server's limit answers 400, not 413)
+TOO_LARGE = re.compile(r"too (large|big)|larger than|exceed|size|limit", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -69,8 +82,12 @@ def _retry_after(response: httpx.Response) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (ValueError, TypeError):  # neither seconds nor a date: no hint
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -84,14 +101,59 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def _no_answer(exc: ServerUnavailable) -> bool:
+    """The connection broke (closed, reset) with no answer: no timeout, no refused connect.
+
+    `_request` raises our errors `from None`, which still keeps the httpx one as `__context__`."""
+    return isinstance(exc.__context__, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+
+
+def path_segment(value: str) -> str:
+    """`value` as exactly one URL path segment, whatever it holds.
+
+    Ids come from the server: "../health", "a/b", "x?y#z" or "%2e%2e" must not turn an
+    authenticated request into one for another path of the server's origin. quote() leaves
+    "." and ".." alone, and URL normalisation would fold them, so they are encoded too.
+    """
+    if not value:
+        raise ProtocolViolation("an empty id cannot be put in a URL path")
+    segment = quote(value, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
+class _Reply(NamedTuple):
+    status: int
+    body: bytes
+
+
+def _read_prefix(response: httpx.Response, limit: int) -> tuple[bytearray, bool]:
+    """A streamed body, read until it passes `limit` bytes (by at most one chunk; the rest stays
+    unread), and whether it did. No copies: a reply at the cap costs its size once."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return body, True
+    return body, False
+
+
+def _loads(body: bytes) -> Any:
+    """json.loads; ValueError for anything unreadable (RecursionError: nesting made to exhaust the stack)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _body_snippet(response: httpx.Response) -> str:
-    """The server's message (JSON `message` or plain text), short and on one line."""
+    """The server's message (JSON `message` or plain text), short and on one line; reads a few KiB at most."""
     try:
-        text = response.text
-    except (httpx.HTTPError, UnicodeDecodeError):
+        raw = _read_prefix(response, SNIPPET_BYTES)[0][:SNIPPET_BYTES]
+    except httpx.HTTPError:
         return ""
+    text = raw.decode(response.encoding or "utf-8", errors="replace")
     try:
-        data = response.json()
+        data = _loads(raw)
         if isinstance(data, dict) and isinstance(data.get("message"), str):
             text = data["message"]
     except ValueError:
@@ -100,18 +162,18 @@ def _body_snippet(response: httpx.Response) -> str:
     return text[:200]
 
 
-def _json(response: httpx.Response, endpoint: str) -> Any:
+def _json(reply: _Reply, endpoint: str) -> Any:
     try:
-        return response.json()
+        return _loads(reply.body)
     except ValueError:
         raise ProtocolViolation(f"{endpoint}: the server's reply is not JSON", endpoint=endpoint,
-                                status=response.status_code) from None
+                                status=reply.status) from None
 
 
-def _check_reply(response: httpx.Response, endpoint: str) -> None:
+def _check_reply(reply: _Reply, endpoint: str) -> None:
     """A 2xx whose body we do not use must still be JSON (or empty): garbage means a broken answer."""
-    if response.content:
-        _json(response, endpoint)
+    if reply.body:
+        _json(reply, endpoint)
 
 
 class Backoff:
@@ -138,10 +200,11 @@ class Client:
     def __init__(self, base_url: str, *, service_id: str | None = None, api_key: str | None = None,
                  http: httpx.Client | None = None, budget: RequestBudget | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0, trust_env: bool = False,
-                 abort: threading.Event | None = None):
+                 abort: threading.Event | None = None, max_reply_bytes: int = MAX_REPLY_BYTES):
         self.base_url = base_url.rstrip("/")
         self.service_id = service_id
         self._api_key = api_key
+        self.max_reply_bytes = max_reply_bytes
         self.budget = budget or RequestBudget(0, 0)
         self.abort = abort or threading.Event()
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout,
@@ -159,7 +222,7 @@ class Client:
         return cls(cfg.require_server(), service_id=service_id, api_key=api_key,
                    budget=RequestBudget(s.rate_limit_per_minute, s.heartbeat_reserve),
                    connect_timeout=s.connect_timeout_secs, read_timeout=s.read_timeout_secs,
-                   trust_env=s.use_system_proxy, abort=abort)
+                   trust_env=s.use_system_proxy, abort=abort, max_reply_bytes=cfg.limits.max_reply_bytes)
 
     def close(self) -> None:
         self._http.close()
@@ -172,17 +235,21 @@ class Client:
 
     # --- plumbing -----------------------------------------------------------
 
-    def _auth(self) -> dict[str, str]:
+    def _credentials(self) -> tuple[str, str]:
         if not (self.service_id and self._api_key):
             raise ServerRejected("not registered: no service_id/api_key in the config")
-        return {"X-Service-ID": self.service_id, "X-API-Key": self._api_key,
-                "Authorization": f"Bearer {self._api_key}"}
+        return self.service_id, self._api_key
+
+    def _auth(self) -> dict[str, str]:
+        service_id, api_key = self._credentials()
+        return {"X-Service-ID": service_id, "X-API-Key": api_key, "Authorization": f"Bearer {api_key}"}
 
     def _agent_url(self, action: str) -> str:
-        return f"{self.base_url}/api/v1/agent/{self.service_id}/{action}"
+        return f"{self.base_url}/api/v1/agent/{path_segment(self._credentials()[0])}/{action}"
 
-    def _files_url(self, tail: str) -> str:
-        return f"{self.base_url}/api/v1/files/agent/{self.service_id}/files/{tail}"
+    def _files_url(self, *segments: str) -> str:
+        tail = "/".join(path_segment(s) for s in segments)
+        return f"{self.base_url}/api/v1/files/agent/{path_segment(self._credentials()[0])}/files/{tail}"
 
     def _check(self, response: httpx.Response, endpoint: str) -> httpx.Response:
         """Map a status to our errors; returns the response when it is a success."""
@@ -211,21 +278,34 @@ class Client:
         return ServerUnavailable(f"{endpoint}: cannot reach the server at {self.base_url}: {reason}",
                                  endpoint=endpoint)
 
+    def _read_reply(self, response: httpx.Response, endpoint: str) -> bytes:
+        """The whole body, unless it is over max_reply_bytes: then nothing more is read."""
+        cap = self.max_reply_bytes
+        declared = response.headers.get("content-length", "")
+        if not (declared.isdigit() and int(declared) > cap):
+            body, more = _read_prefix(response, cap)
+            if not more:
+                return body
+        raise ProtocolViolation(f"{endpoint}: reply larger than limits.max_reply_bytes ({cap} bytes)",
+                                endpoint=endpoint, status=response.status_code)
+
     def _request(self, kind: str, method: str, url: str, *, interrupt: threading.Event | None = None,
-                 **kwargs: Any) -> httpx.Response:
-        """One attempt: take a budget slot, send, and translate every failure.
+                 **kwargs: Any) -> _Reply:
+        """One attempt: take a budget slot, send, read the reply and translate every failure.
 
         `interrupt` gives up waiting for a budget slot when set (a poll nobody needs any more).
+        Leaving the stream early (an error, a reply over the cap) closes the connection.
         """
         try:
             self.budget.acquire(kind, self.abort, interrupt)
         except Aborted:
             raise ServerUnavailable(f"{kind}: abandoned, the agent is exiting", endpoint=kind) from None
         try:
-            response = self._http.request(method, url, **kwargs)
+            with self._http.stream(method, url, **kwargs) as response:
+                self._check(response, kind)
+                return _Reply(response.status_code, self._read_reply(response, kind))
         except httpx.HTTPError as e:
             raise self._transport_error(e, kind) from None
-        return self._check(response, kind)
 
     def _retrying(self, kind: str, policy: RetryPolicy) -> tenacity.Retrying:
         # not wait_exponential_jitter: its `initial` is deprecated in tenacity 9, its replacement missing in 8
@@ -234,6 +314,8 @@ class Client:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             hinted = getattr(exc, "retry_after", None)
+            if getattr(exc, "status", None) == 429:
+                return 0.0  # the budget holds the retry until the server's window has room
             return min(hinted, 120.0) if hinted is not None else backoff(state)
 
         def log_retry(state: tenacity.RetryCallState) -> None:
@@ -275,7 +357,7 @@ class Client:
         r = self._request("poll", "POST", self._agent_url("poll"), headers=self._auth(), interrupt=interrupt,
                           json={"current_load": current_load,
                                 "available_capacity": max(0, capacity - current_load)})
-        if r.status_code == 204 or not r.content:
+        if r.status == 204 or not r.body:
             return PollResult()
         return PollResult.from_json(_json(r, "poll"))
 
@@ -313,6 +395,8 @@ class Client:
 
     def download(self, file_id: str, dest: Path, max_bytes: int) -> int:
         """Stream one input file into `dest`; returns its size. More than `max_bytes` is an error."""
+        url = self._files_url(file_id, "download")  # an id no URL can carry fails here, not retried
+
         def attempt() -> int:
             try:
                 self.budget.acquire("download", self.abort)
@@ -320,10 +404,7 @@ class Client:
                 raise ServerUnavailable("download: abandoned, the agent is exiting", endpoint="download") from None
             size = 0
             try:
-                with self._http.stream("GET", self._files_url(f"{file_id}/download"),
-                                       headers=self._auth()) as r:
-                    if r.status_code >= 300:
-                        r.read()
+                with self._http.stream("GET", url, headers=self._auth()) as r:
                     self._check(r, "download")
                     # 0644 whatever the umask: the container may run as another user
                     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
@@ -345,13 +426,50 @@ class Client:
         return self._call("download", FEW, attempt)
 
     def upload(self, task_id: str, rel_path: str, open_file: Callable[[], IO[bytes]]) -> UploadedFile:
-        """Stream one output file; `open_file` is called once per attempt (each re-reads from the start)."""
+        """Stream one output file; `open_file` is called once per attempt (each re-reads from the start).
+
+        The server may answer while the body is still going out, then close the connection
+        (protocol.md §1); httpcore reads that answer after the failed write. UploadRefused,
+        final for the file: a 413 or a 400 about its size; a second 408 (the file takes
+        longer to send than the server's request timeout); the send cut off with no answer
+        UPLOAD_CUT_OFFS times in a row while /health answers. A 429 waits for the budget.
+        """
+        timeouts: list[float] = []  # how long each attempt answered 408 took
+        cut_offs = 0
+
         def attempt() -> UploadedFile:
+            nonlocal cut_offs
+            started = time.monotonic()
             with open_file() as f:
-                # httpx sends data fields before files: task_id precedes the file part, as the server insists
-                r = self._request("upload", "POST", self._files_url("upload"), headers=self._auth(),
-                                  data={"task_id": task_id},
-                                  files={"file": (rel_path, f, "application/octet-stream")})
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                try:
+                    # httpx sends data fields before files: task_id precedes the file part, as the server insists
+                    r = self._request("upload", "POST", self._files_url("upload"), headers=self._auth(),
+                                      data={"task_id": task_id},
+                                      files={"file": (rel_path, f, "application/octet-stream")})
+                except ServerUnavailable as e:
+                    sent = f.tell()
+                    cut_offs = cut_offs + 1 if sent and _no_answer(e) else 0
+                    if e.status == 408:
+                        timeouts.append(time.monotonic() - started)
+                        if len(timeouts) >= UPLOAD_TIMEOUTS:
+                            raise UploadRefused(
+                                f"upload: the upload ran past the server's request timeout {len(timeouts)} "
+                                f"times (408 after {', '.join(f'{t:.1f}' for t in timeouts)} s)",
+                                endpoint="upload", status=408) from None
+                    elif cut_offs >= UPLOAD_CUT_OFFS and self.health():
+                        raise UploadRefused(
+                            f"upload: the server closed the connection during the upload {cut_offs} times "
+                            f"(the last time after {sent} of {size} bytes)", endpoint="upload") from None
+                    raise
+                except ServerRejected as e:
+                    if e.status == 413 or (e.status == 400 and TOO_LARGE.search(str(e))):
+                        raise UploadRefused(str(e), endpoint="upload", status=e.status) from None
+                    raise
+                except OSError as e:  # httpx reads the file itself: a read error comes raw
+                    raise WorkspaceError(f"cannot read output {rel_path}: {e.strerror or e}") from None
+                cut_offs = 0
                 self.metrics.transferred("up", f.tell())  # sent from the start to the end of the file
             return UploadedFile.from_json(_json(r, "upload"))
 

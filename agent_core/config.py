@@ -8,9 +8,14 @@ because the file holds the api_key.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 import re
-from dataclasses import dataclass, field
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -122,13 +127,13 @@ class ServerConfig:
 class AgentConfig:
     service_id: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    name: str | None = None
+    name: str = "agent-core"
     heartbeat_interval_secs: float = 15.0
     shutdown_grace_secs: float = 300.0
 
     @property
     def registered(self) -> bool:
-        return bool(self.service_id and self.api_key)
+        return bool((self.service_id or "").strip() and (self.api_key or "").strip())  # blank = unset
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ class ExecutorConfig:
     memory_limit: str | None = None
     working_dir: str = "/workspace"
     script_path: str | None = None
-    custom_entrypoint: str | None = None
+    custom_entrypoint: tuple[str, ...] = ()  # the container's ENTRYPOINT; () = the image's own
     custom_args: tuple[str, ...] = ()
     network_mode: str = "bridge"
     user: str | None = None
@@ -173,9 +178,10 @@ class ExecutorConfig:
 class LimitsConfig:
     max_input_bytes: int = 10 * 1024**3
     max_output_files: int = 1000
-    max_output_file_bytes: int = 50 * 1024**2
+    max_output_file_bytes: int = 0  # 0: the server's own limit (its max_file_size_mb) decides
     max_output_bytes: int = 1024**3
     log_max_bytes: int = 10 * 1024**2
+    max_reply_bytes: int = 16 * 1024**2  # a JSON reply from the server; more is a protocol error
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,8 @@ class PathsConfig:
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
+    max_bytes: int = 10 * 1024**2  # agent.log of run-detached is rotated past this; 0 = never
+    backups: int = 3
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,7 @@ class Config:
 
     def require_registration(self) -> tuple[str, str]:
         if not self.agent.registered:
-            raise ConfigError(f"{self.path}: not registered yet (run `agent-core register --token ...`)")
+            raise ConfigError(f"{self.path}: not registered yet: run `agent-core register --token <TOKEN>`")
         return self.agent.service_id, self.agent.api_key  # type: ignore[return-value]
 
 
@@ -286,6 +294,13 @@ class _Section:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise self.fail(key, f"must be a list of strings (got {value!r})")
         return tuple(value)
+
+    def argv(self, key: str) -> tuple[str, ...]:
+        """A list of strings; a lone string is a one-element list (older agent-core configs wrote one)."""
+        value = self._get(key, ())
+        if isinstance(value, str):
+            return (value,) if value else ()
+        return self.strings(key, ())
 
     def unknown(self) -> list[str]:
         return [f"{self.name}.{k}" for k in self.raw if k not in self.used]
@@ -367,7 +382,7 @@ def parse(text: str, path: Path) -> Config:
     agent = AgentConfig(
         service_id=s.string("service_id", None),
         api_key=s.string("api_key", None),
-        name=s.string("name", None),
+        name=s.string("name", None) or AgentConfig.name,  # "" in a file is unset, as for the reference
         heartbeat_interval_secs=s.number("heartbeat_interval_secs", 15.0, minimum=0, exclusive=True,
                                          maximum=MAX_HEARTBEAT_INTERVAL),
         shutdown_grace_secs=s.number("shutdown_grace_secs", 300.0, minimum=0),
@@ -383,7 +398,7 @@ def parse(text: str, path: Path) -> Config:
         memory_limit=s.size("memory_limit", None),
         working_dir=s.string("working_dir", "/workspace"),
         script_path=s.string("script_path", None),
-        custom_entrypoint=s.string("custom_entrypoint", None),
+        custom_entrypoint=s.argv("custom_entrypoint"),
         custom_args=s.strings("custom_args", ()),
         network_mode=s.string("network_mode", "bridge"),
         user=s.string("user", None),
@@ -399,8 +414,6 @@ def parse(text: str, path: Path) -> Config:
         raise s.fail("image", "must not be empty")
     if not executor.working_dir.startswith("/"):
         raise s.fail("working_dir", f"must be an absolute path (got {executor.working_dir!r})")
-    if executor.executor_type == "custom" and not executor.custom_entrypoint:
-        raise s.fail("custom_entrypoint", "is required when executor_type = \"custom\"")
     if executor.enable_host_access and (executor.network_mode in ("none", "host")
                                         or executor.network_mode.startswith("container:")):
         raise s.fail("enable_host_access", f"needs a network of the task's own; network_mode = "
@@ -432,6 +445,8 @@ def parse(text: str, path: Path) -> Config:
     logging_cfg = LoggingConfig(
         level=s.string("level", "info", LOG_LEVELS),
         format=s.string("format", "text", LOG_FORMATS),
+        max_bytes=parse_size(s.size("max_bytes", "10m")),
+        backups=s.number("backups", 3, minimum=0, integer=True),
     )
     unknown += s.unknown()
 
@@ -442,13 +457,13 @@ def parse(text: str, path: Path) -> Config:
     metrics_cfg = MetricsConfig(listen=listen)
     unknown += s.unknown()
 
-    known_sections = {"server", "agent", "executor", "limits", "paths", "logging", "metrics"}
-    unknown += [k for k in doc if k not in known_sections]
+    unknown += [k for k in doc if k not in _SECTIONS]
     return Config(path=path, server=server, agent=agent, executor=executor, limits=limits,
                   paths=paths, logging=logging_cfg, metrics=metrics_cfg, unknown_keys=tuple(unknown))
 
 
 def load(path: Path | str) -> Config:
+    """The config at `path`; what is worth a warning (unknown keys, a readable file) is `warnings(cfg)`."""
     path = Path(path).expanduser().absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -456,10 +471,42 @@ def load(path: Path | str) -> Config:
         raise ConfigError(f"config file not found: {path} (create one with `agent-core init`)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    cfg = parse(text, path)
+    return parse(text, path)
+
+
+# the tables and the dataclass whose fields are their keys (executor.gpu is a table of two)
+_SECTIONS = {"server": ServerConfig, "agent": AgentConfig, "executor": ExecutorConfig, "limits": LimitsConfig,
+             "paths": PathsConfig, "logging": LoggingConfig, "metrics": MetricsConfig}
+KNOWN_KEYS = (*(f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in fields(cls)),
+              "executor.gpu.vendor", "executor.gpu.devices")
+
+
+def closest_key(key: str) -> str | None:
+    """The known key an unknown one most likely meant: "executor.capasity" -> "executor.capacity"."""
+    match = difflib.get_close_matches(key, [*KNOWN_KEYS, *_SECTIONS], n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaf = key.rpartition(".")[2]  # a known key in the wrong table ("capacity" at the top)
+    by_leaf = {k.rpartition(".")[2]: k for k in KNOWN_KEYS}
+    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+    return by_leaf[match[0]] if match else None
+
+
+def warnings(cfg: Config) -> list[str]:
+    """One plain line per thing an operator should fix: each unknown key, a file others can read."""
+    lines = []
     for key in cfg.unknown_keys:
-        log.warning("%s: unknown key %s (kept, but ignored)", path, key)
-    return cfg
+        guess = closest_key(key)
+        lines.append(f"{cfg.path}: unknown key `{key}` is ignored"
+                     + (f": did you mean `{guess}`?" if guess else ""))
+    try:
+        mode = stat.S_IMODE(cfg.path.stat().st_mode)
+    except OSError:
+        mode = 0
+    if mode & 0o077:
+        lines.append(f"{cfg.path} is readable by other users (mode {mode:04o}) and holds the api_key: "
+                     f"chmod 600 {cfg.path}")
+    return lines
 
 
 # --- writing --------------------------------------------------------------
@@ -470,12 +517,38 @@ def default_text() -> str:
     return resources.files("agent_core").joinpath("default_config.toml").read_text(encoding="utf-8")
 
 
+def default_value(dotted: str) -> Any:
+    """A value as the default config file writes it, e.g. "paths.data_dir" -> "./data"."""
+    value: Any = tomlkit.parse(default_text()).unwrap()
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def _write_target(path: Path) -> Path:
+    """Where a write to `path` goes: through a symlink to its target, so the link stays a link."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def update(path: Path | str, changes: dict[str, Any]) -> None:
     """Set `section.key` values in the file, keeping everything else as the user wrote it."""
     path = Path(path)
     try:
-        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
-    except (OSError, TOMLKitError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot update {path}: {e}") from None
+    text = _apply(text, changes, path)
+    try:
+        write_atomic(_write_target(path), text)
+    except OSError as e:
+        raise ConfigError(f"cannot update {path}: {e}") from None
+
+
+def _apply(text: str, changes: dict[str, Any], path: Path) -> str:
+    """`text` with `changes` set; refuses a result we could not load back."""
+    try:
+        doc = tomlkit.parse(text)
+    except TOMLKitError as e:
         raise ConfigError(f"cannot update {path}: {e}") from None
     for dotted, value in changes.items():
         *tables, key = dotted.split(".")  # "executor.gpu.vendor" is a key of the [executor.gpu] table
@@ -486,23 +559,39 @@ def update(path: Path | str, changes: dict[str, Any]) -> None:
             table = table[name]
         table[key] = value
     text = tomlkit.dumps(doc)
-    parse(text, path.absolute())  # never write a file we could not load back
-    write_atomic(path, text)
+    parse(text, path.absolute())
+    return text
 
 
-def init(path: Path | str, *, force: bool = False, base_url: str | None = None) -> Path:
+def backup(path: Path) -> Path:
+    """A 0600 copy of `path` beside it, <name>.bak-<time>, before a file with credentials is replaced."""
+    target = _write_target(path)
+    dest = target.with_name(f"{target.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never onto an existing file
+    with os.fdopen(fd, "wb") as out, open(target, "rb") as src:
+        shutil.copyfileobj(src, out)
+    return dest
+
+
+def init(path: Path | str, *, force: bool = False, base_url: str | None = None,
+         changes: dict[str, Any] | None = None, say: Callable[[str], None] = log.info) -> Path:
+    """Write the commented default with `changes` set, in one write (a failed or interrupted init leaves
+    no file). A file `force` replaces is copied first (it may hold the only copy of the credentials)."""
     path = Path(path)
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists (it may hold credentials); use --force to overwrite it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, default_text())
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e}") from None
+    changes = dict(changes or {})
     if base_url:
         try:
-            url = normalise_base_url(base_url)
+            changes["server.base_url"] = normalise_base_url(base_url)
         except ValueError as e:
             raise ConfigError(f"server.base_url: {e}") from None
-        update(path, {"server.base_url": url})
+    text = _apply(default_text(), changes, path)
+    try:
+        if path.exists():
+            say(f"kept the old file as {backup(path)} (mode 0600)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(_write_target(path), text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e}") from None
     return path

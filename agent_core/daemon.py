@@ -6,10 +6,10 @@ import logging
 import signal
 import threading
 
-from agent_core import metrics, process
+from agent_core import metrics, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.config import Config
-from agent_core.errors import EXIT_FAILURE
+from agent_core.errors import EXIT_FAILURE, ExecutorError
 from agent_core.executor import DockerExecutor, check_mounts
 from agent_core.scheduler import ExitNow, Scheduler
 
@@ -22,6 +22,9 @@ DOCKER_POOL_MARGIN = 6
 def serve(cfg: Config, *, burst: bool = False) -> int:
     cfg.require_registration()
     check_mounts(cfg)  # a config error (exit 2) at start, not a failure of every task
+    exposure = netreach.metrics_exposure_warning(cfg.metrics.listen)
+    if exposure:
+        log.warning("%s", exposure)
     data_dir = process.ensure_data_dir(cfg.paths.data_dir)
     pidfile = process.PidFile(data_dir)
     pidfile.acquire()
@@ -29,7 +32,9 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
     executor = client = metrics_server = None
     try:
         executor = DockerExecutor(pool_size=cfg.executor.capacity + DOCKER_POOL_MARGIN)
-        executor.ping()
+        problem = preflight.check(cfg, executor)
+        if problem is not None:  # refuse now rather than accept and fail every task in the queue
+            raise ExecutorError(f"cannot run tasks: {problem.line()}")
         executor.check_gpu(cfg.executor.gpu)
         client = Client.from_config(cfg, abort=abort)
         scheduler = Scheduler(cfg, client, executor, burst=burst)

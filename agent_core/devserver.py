@@ -1,10 +1,26 @@
 """A local OpenAaaS server for integration tests and the demo (stdlib only).
 
 It speaks the agent protocol of ``shared/protocol.md`` §1-4 with the reference
-server's quirks (plain-text body errors, 400 on a lost accept, 500 for a service
-that never registered, a rate limit counted before auth, ...), keeps its state
-in memory behind one lock and stores file bytes under ``data_dir``. Uploads and
-downloads are streamed in both directions, so a 1 GiB file is never held in memory.
+server's quirks (plain-text body errors, 400 on a lost accept, a rate limit
+counted before auth, ...), keeps its state in memory behind one lock and stores
+file bytes under ``data_dir``. Uploads and downloads are streamed in both
+directions, so a 1 GiB file is never held in memory.
+
+What the real server was seen doing (protocol.md, *observed*), and this one does too:
+
+- (observed) A service that exists but never registered (no key stored yet) gets 401.
+- (observed) The rate limit slides per request and counts only requests let through
+  (refusals do not extend it); every 429 says ``Retry-After: 60``, whatever the window.
+- (observed) Answers come before the request body is read: a file over the size limit
+  (400) and a 429 are sent while the client is still sending, then the connection closes.
+- (observed) ``request_timeout_secs`` (30) cuts off request bodies, i.e. uploads, that run
+  past it: 408 with an empty body, then the connection closes. Downloads run on.
+- (observed) Downloads are chunked, without Content-Length, and gzip-compressed whenever
+  the request's Accept-Encoding allows gzip, whatever the file type.
+- (observed) Each upload first empties its task's temporary folder, so an upload still
+  running when another one to the same task starts loses its file and answers 500.
+- (observed) A heartbeat refused with 400 still counts as a sign of life (and turns
+  ``offline`` into ``online``); one without ``capacity`` stores its ``current_load`` unchecked.
 
     with DevServer(data_dir=tmp_path) as server:
         server.url, server.admin_key          # where and how to talk to it
@@ -37,6 +53,7 @@ import threading
 import time
 import traceback
 import uuid
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +69,9 @@ _MAX_SMALL_BODY = 1024 * 1024  # JSON bodies and multipart text fields
 _MAX_PART_HEADERS = 16 * 1024
 _TERMINAL = ("completed", "failed", "cancelled")
 _HEARTBEAT_STATUSES = ("online", "busy", "offline")
+_RETRY_AFTER = "60"  # the real server's constant, whatever its window
+_GZIP_LEVEL = 1      # downloads: the point is the encoding, not the ratio; level 1 keeps big files cheap
+_THROTTLE_STEP = 0.1  # a slowed body is read in pieces worth this many seconds
 
 
 def _now_iso() -> str:
@@ -68,7 +88,7 @@ class _Response:
     content_type: str | None = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     stream: Iterator[bytes] | None = None  # sent after the headers, chunk by chunk
-    length: int | None = None               # of the stream; None means "until the connection closes"
+    chunked: bool = True                    # how the stream is framed; False: "until the connection closes"
     drop: bool = False                      # close the connection without answering
 
 
@@ -93,6 +113,10 @@ class _HttpError(Exception):
         self.response = response
 
 
+def _timed_out() -> _HttpError:
+    return _HttpError(_Response(408, content_type=None))  # empty body, not JSON, like the real server
+
+
 class _ClientGone(ConnectionError):
     """The client closed the connection in the middle of its request body."""
 
@@ -101,10 +125,17 @@ class _ClientGone(ConnectionError):
 
 
 class _Body:
-    """The request body as a stream: Content-Length or chunked, never buffered whole."""
+    """The request body as a stream: Content-Length or chunked, never buffered whole.
 
-    def __init__(self, rfile, headers):
+    Reads return what has arrived (never wait for a full chunk), so an answer can go
+    out while the client is still sending; past `deadline` (monotonic) a read is a 408.
+    """
+
+    def __init__(self, rfile, headers, sock: socket.socket, deadline: float | None):
         self._rfile = rfile
+        self._sock = sock
+        self._deadline = deadline
+        self._rate: float | None = None  # bytes per second, set by Faults.slow_upload_next
         self._done = False
         encoding = (headers.get("Transfer-Encoding") or "").strip().lower()
         self._chunked = encoding not in ("", "identity")
@@ -121,6 +152,35 @@ class _Body:
             raise _HttpError(_text(400, "bad Content-Length")) from None
         self._done = self._left == 0
 
+    @property
+    def done(self) -> bool:
+        """The whole body has been read: the connection can carry another request."""
+        return self._done
+
+    def throttle(self, bytes_per_sec: float) -> None:
+        self._rate = bytes_per_sec
+
+    def _io(self, read: Callable[[int], bytes], n: int) -> bytes:
+        """One read from the socket, cut off by the deadline."""
+        if self._rate:
+            n = min(n, max(1, int(self._rate * _THROTTLE_STEP)))
+            pause = n / self._rate
+            if self._deadline is not None:
+                pause = min(pause, max(0.0, self._deadline - time.monotonic()))
+            time.sleep(pause)
+        if self._deadline is None:
+            return read(n)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out()
+        self._sock.settimeout(left)
+        try:
+            return read(n)
+        except TimeoutError:
+            raise _timed_out() from None
+        finally:
+            self._sock.settimeout(None)  # keep-alive: the wait for the next request is not timed
+
     def read(self, n: int = _CHUNK) -> bytes:
         """Up to `n` bytes; b"" once the body is complete."""
         if self._done:
@@ -131,7 +191,7 @@ class _Body:
                 self._skip_trailers()
                 self._done = True
                 return b""
-        data = self._rfile.read(min(n, self._left))
+        data = self._io(self._rfile.read1, min(n, self._left))
         if not data:
             raise _ClientGone("request body cut short")
         self._left -= len(data)
@@ -151,12 +211,8 @@ class _Body:
             parts.append(chunk)
         return b"".join(parts)
 
-    def drain(self) -> None:
-        while self.read():
-            pass
-
     def _line(self) -> bytes:
-        line = self._rfile.readline(1024)
+        line = self._io(self._rfile.readline, 1024)
         if not line.endswith(b"\n"):
             raise _ClientGone("chunked body cut short")
         return line.rstrip(b"\r\n")
@@ -234,6 +290,17 @@ class _MultipartReader:
     def __iter__(self) -> Iterator[_Part]:
         while (part := self._next_part()) is not None:
             yield part
+        self._skip_epilogue()
+
+    def _skip_epilogue(self) -> None:
+        # what follows the closing delimiter (a CRLF from most clients) is read, within reason
+        size = len(self._buf)
+        while size <= _MAX_PART_HEADERS:
+            data = self._read(_CHUNK)
+            if not data:
+                return
+            size += len(data)
+        raise _HttpError(_error(400, "BadRequest", "multipart epilogue too long"))
 
     def _fill(self) -> bool:
         data = self._read(_CHUNK)
@@ -359,7 +426,7 @@ class _Service:
     is_public: bool
     token: str | None
     created_at: str = field(default_factory=_now_iso)
-    key_hash: bytes | None = None   # set by register; None means "never registered" (-> 500)
+    key_hash: bytes | None = None   # set by register; None means "never registered" (-> 401)
     revoked: bool = False
     status: str = "pending"         # pending until register, then online/busy/offline
     capacity: int = 1
@@ -458,6 +525,14 @@ def _save_stream(root: Path, chunks: Iterable[bytes], limit: int) -> tuple[Path,
     return path, size
 
 
+def _heartbeat_problem(status: str, load: int, capacity: int | None) -> str | None:
+    if status not in _HEARTBEAT_STATUSES:
+        return f"unknown status {status!r}"
+    if load < 0 or (capacity is not None and (capacity <= 0 or load > capacity)):
+        return "need capacity > 0 and 0 <= current_load <= capacity"
+    return None
+
+
 class _Store:
     """Services, tasks, files and events behind one lock; the protocol's semantics live here."""
 
@@ -470,6 +545,7 @@ class _Store:
         self.tokens: dict[str, str] = {}   # unused registration token -> service id
         self.tasks: dict[str, _Task] = {}
         self.files: dict[str, _File] = {}
+        self.uploading: dict[str, object] = {}  # task id -> ticket of its latest upload still running
         self.events: list[dict] = []
         self._seq = 0
         self._secret = secrets.token_bytes(32)  # keys are kept as an HMAC, like the real server
@@ -537,8 +613,8 @@ class _Store:
             svc = self.services.get(header_sid or "")
             if svc is None or svc.revoked:
                 raise _unauthorized("unknown service")
-            if svc.key_hash is None:  # the real server's quirk: 500, not 401
-                raise _HttpError(_error(500, "Internal", "service has no API key"))
+            if svc.key_hash is None:  # observed: 401 (older servers answered 500)
+                raise _unauthorized("service not registered")
             if not hmac.compare_digest(svc.key_hash, self._hash(key)):
                 raise _unauthorized("invalid API key")
             return svc
@@ -548,13 +624,15 @@ class _Store:
         svc.last_heartbeat = time.monotonic()
         svc.last_heartbeat_at = _now_iso()
 
-    def heartbeat(self, svc: _Service, status: str, load: int, capacity: int) -> dict:
-        if status not in _HEARTBEAT_STATUSES:
-            raise _bad_request(f"unknown status {status!r}")
-        if capacity <= 0 or load < 0 or load > capacity:
-            raise _bad_request("need capacity > 0 and 0 <= current_load <= capacity")
+    def heartbeat(self, svc: _Service, status: str, load: int, capacity: int | None) -> dict:
+        problem = _heartbeat_problem(status, load, capacity)
         with self.lock:
-            svc.capacity, svc.current_load = capacity, load
+            if problem:  # observed: refused, yet still a sign of life
+                self._touch(svc, "online" if svc.status == "offline" else svc.status)
+                raise _bad_request(problem)
+            svc.current_load = load  # observed: without a capacity, not checked against the stored one
+            if capacity is not None:
+                svc.capacity = capacity
             self._touch(svc, status)
         return {"acknowledged": True, "service_id": svc.id, "timestamp": _now_iso()}
 
@@ -613,6 +691,24 @@ class _Store:
             if task.service_id != svc.id:
                 raise _forbidden("task belongs to another service")
             return task  # status deliberately not checked (uploads after a requeue succeed)
+
+    def begin_upload(self, task_id: str) -> object:
+        """Empty the task's temporary upload folder (as each real upload does); returns a ticket.
+
+        An upload of the same task still running then loses its file: `end_upload` says so.
+        """
+        with self.lock:
+            ticket = object()
+            self.uploading[task_id] = ticket
+            return ticket
+
+    def end_upload(self, task_id: str, ticket: object) -> bool:
+        """False when a later upload to the task started meanwhile. Safe to call twice."""
+        with self.lock:
+            if self.uploading.get(task_id) is not ticket:
+                return False
+            del self.uploading[task_id]
+            return True
 
     def file_for_agent(self, svc: _Service, file_id: str) -> _File:
         with self.lock:
@@ -727,11 +823,12 @@ class _Store:
 
 class _Rule:
     def __init__(self, remaining: int, path_contains: str | None, response: Callable[[], _Response] | None,
-                 delay: float = 0.0):
+                 delay: float = 0.0, rate: float = 0.0):
         self.remaining = remaining
         self.path_contains = path_contains
         self.response = response
         self.delay = delay
+        self.rate = rate  # bytes per second a request body is read at
 
     def matches(self, path: str, is_agent: bool) -> bool:
         if self.remaining <= 0:
@@ -744,8 +841,9 @@ class Faults:
 
     Counted rules (`fail_next`, `garbage_next`, `drop_next`, `delay_next`) apply to
     agent routes (register, /api/v1/agent/..., /api/v1/files/agent/...) or, with
-    `path_contains`, to any request whose path contains that string. Rules fire in
-    the order they were added. Faulted requests do not count towards the rate limit.
+    `path_contains`, to any request whose path contains that string; `slow_upload_next`
+    to uploads by default. Rules fire in the order they were added. Faulted requests
+    do not count towards the rate limit.
     """
 
     def __init__(self, store: _Store):
@@ -753,6 +851,7 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._delays: list[_Rule] = []
+        self._slow: list[_Rule] = []
         self._ratio = 0.0
         self._ratio_statuses: tuple[int, ...] = ()
         self._ratio_delay = 0.0
@@ -775,6 +874,13 @@ class Faults:
     def delay_next(self, n: int, secs: float, path_contains: str | None = None) -> None:
         """Hold the next n requests for `secs` before handling them normally."""
         self._add(self._delays, _Rule(n, path_contains, None, delay=secs))
+
+    def slow_upload_next(self, n: int, bytes_per_sec: float, path_contains: str | None = "/files/upload") -> None:
+        """Read the bodies of the next n matching requests (default: agent uploads) at about
+        `bytes_per_sec`, so they can run past the request timeout."""
+        if bytes_per_sec <= 0:
+            raise ValueError("bytes_per_sec must be positive")
+        self._add(self._slow, _Rule(n, path_contains, None, rate=bytes_per_sec))
 
     def garbage_next(self, n: int, path_contains: str | None = None) -> None:
         """Answer 200 with a body that is not JSON (but claims to be)."""
@@ -821,6 +927,7 @@ class Faults:
         with self._lock:
             self._rules.clear()
             self._delays.clear()
+            self._slow.clear()
             self._ratio = 0.0
             self._endless.clear()
 
@@ -833,6 +940,15 @@ class Faults:
     def _is_endless(self, file_id: str) -> bool:
         with self._lock:
             return file_id in self._endless
+
+    def _body_rate(self, path: str, is_agent: bool) -> float | None:
+        """The bytes per second to read this request's body at, if it is to be slowed."""
+        with self._lock:
+            for rule in self._slow:
+                if rule.matches(path, is_agent):
+                    rule.remaining -= 1
+                    return rule.rate
+            return None
 
     def _pick(self, path: str, is_agent: bool) -> tuple[float, _Response | None]:
         """The delay to apply and the fault response to send instead of handling, if any."""
@@ -859,7 +975,10 @@ def _retry_after_value(secs: float) -> str:
 
 
 class _RateLimiter:
-    """Sliding window per key. Every request counts, rejected ones included (as on the real server)."""
+    """Sliding window per key: at most `limit` requests let through in any `window` seconds.
+
+    Only requests let through are counted (observed): refusals do not extend the window.
+    """
 
     def __init__(self, limit: int, window: float):
         self.limit, self.window = limit, window
@@ -874,8 +993,10 @@ class _RateLimiter:
             hits = self._hits.setdefault(key, deque())
             while hits and hits[0] <= now - self.window:
                 hits.popleft()
+            if len(hits) >= self.limit:
+                return False
             hits.append(now)
-            return len(hits) <= self.limit
+            return True
 
 
 class Call(NamedTuple):
@@ -930,7 +1051,7 @@ _REGISTER_SCHEMA = {"registration_token": (_STR, True), "capacity": (_INT, False
 _ACCEPT_SCHEMA = {"task_id": (_STR, True)}
 _COMPLETE_SCHEMA = {"task_id": (_STR, True), "status": (_STR, True), "output": ((_ANY,), False),
                     "error_message": (_STR, False), "file_ids": ((list,), False)}
-_HEARTBEAT_SCHEMA = {"status": (_STR, True), "current_load": (_INT, True), "capacity": (_INT, True),
+_HEARTBEAT_SCHEMA = {"status": (_STR, True), "current_load": (_INT, True), "capacity": (_INT, False),
                      "available_capacity": (_INT, False)}
 _SERVICE_SCHEMA = {"name": (_STR, True), "description": (_STR, False), "usage": (_STR, False),
                    "id": (_STR, False), "is_public": (_BOOL, False)}
@@ -955,14 +1076,38 @@ def _content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{encoded}"
 
 
-def _file_response(rec: _File) -> _Response:
+def _accepts_gzip(headers) -> bool:
+    for item in (headers.get("Accept-Encoding") or "").split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() == "gzip":
+            return not re.fullmatch(r"\s*q\s*=\s*0(\.0*)?\s*", params, re.IGNORECASE)
+    return False
+
+
+def _gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Compress a stream as it goes: memory stays constant whatever the size."""
+    packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip framing
+    try:
+        for chunk in chunks:
+            if packed := packer.compress(chunk):
+                yield packed
+        yield packer.flush()
+    finally:
+        chunks.close()
+
+
+def _file_response(rec: _File, request_headers) -> _Response:
+    """A download as the real server sends it (observed): chunked, no Content-Length, gzip if accepted."""
     def stream() -> Iterator[bytes]:
         with open(rec.path, "rb") as src:
             while chunk := src.read(_CHUNK):
                 yield chunk
-    return _Response(200, content_type=rec.mime_type or "application/octet-stream",
-                     headers={"Content-Disposition": _content_disposition(rec.filename)},
-                     stream=stream(), length=rec.path.stat().st_size)
+    headers = {"Content-Disposition": _content_disposition(rec.filename), "Vary": "accept-encoding"}
+    body = stream()
+    if _accepts_gzip(request_headers):
+        headers["Content-Encoding"] = "gzip"
+        body = _gzip(body)
+    return _Response(200, content_type=rec.mime_type or "application/octet-stream", headers=headers, stream=body)
 
 
 def _endless_stream(closing: threading.Event) -> Iterator[bytes]:
@@ -978,12 +1123,14 @@ def _client_filename_ok(name: str | None) -> bool:
 class _App:
     """Maps requests to store operations: faults, rate limit, auth, body shapes, call log."""
 
-    def __init__(self, store: _Store, faults: Faults, limiter: _RateLimiter, admin_key: str, max_file_bytes: int):
+    def __init__(self, store: _Store, faults: Faults, limiter: _RateLimiter, admin_key: str, max_file_bytes: int,
+                 request_timeout: float):
         self.store = store
         self.faults = faults
         self.limiter = limiter
         self.admin_key = admin_key
         self.max_file_bytes = max_file_bytes
+        self.request_timeout = request_timeout  # seconds a request body may take; 0 = no limit
         self.log_lock = threading.Lock()
         self.calls: list[Call] = []
         self.stats: Counter[str] = Counter()
@@ -1004,7 +1151,8 @@ class _App:
             self.stats[stat] += 1
 
     def handle(self, req: _Request) -> _Response:
-        delay, fault = self.faults._pick(req.path, req.path.startswith(_AGENT_PREFIXES))
+        is_agent = req.path.startswith(_AGENT_PREFIXES)
+        delay, fault = self.faults._pick(req.path, is_agent)
         if delay:
             self.count("delayed")
             if req.closing.wait(delay):  # went down meanwhile: a real server would not answer
@@ -1012,13 +1160,14 @@ class _App:
         if fault is not None:
             self.count("faults")
             return fault
+        if rate := self.faults._body_rate(req.path, is_agent):
+            req.body.throttle(rate)
         route, params = self._match(req)
         if route.kind == _AGENT:
             key = _agent_key(req.headers)
             if not self.limiter.allow(key or ""):  # before auth: bad keys fill a window too
                 self.count("rate_limited")
-                return _error(429, "RateLimited", "too many requests",
-                              {"Retry-After": _retry_after_value(self.limiter.window)})
+                return _error(429, "RateLimited", "too many requests", {"Retry-After": _RETRY_AFTER})
             svc = self.store.authenticate(req.headers.get("X-Service-ID"), key)
             if params.pop("sid") != svc.id:
                 raise _forbidden("service id in path does not match X-Service-ID")
@@ -1071,16 +1220,17 @@ class _App:
 
     def heartbeat(self, req: _Request, svc: _Service) -> _Response:
         body = _json_body(req, _HEARTBEAT_SCHEMA)
-        return _json(200, self.store.heartbeat(svc, body["status"], body["current_load"], body["capacity"]))
+        return _json(200, self.store.heartbeat(svc, body["status"], body["current_load"], body.get("capacity")))
 
     def agent_download(self, req: _Request, svc: _Service, file_id: str) -> _Response:
         if self.faults._is_endless(file_id):
             return _Response(200, content_type="application/octet-stream", stream=_endless_stream(req.closing),
-                             headers={"Content-Disposition": _content_disposition("endless.bin")})
-        return _file_response(self.store.file_for_agent(svc, file_id))
+                             headers={"Content-Disposition": _content_disposition("endless.bin")}, chunked=False)
+        return _file_response(self.store.file_for_agent(svc, file_id), req.headers)
 
     def agent_upload(self, req: _Request, svc: _Service) -> _Response:
         task: _Task | None = None
+        ticket: object = None
         saved: tuple[str, str | None, int, Path] | None = None
         summary: dict[str, Any] = {"fields": {}, "files": []}
         req.record = summary
@@ -1089,6 +1239,8 @@ class _App:
                 if part.name == "task_id":
                     summary["fields"]["task_id"] = task_id = part.text()
                     task = self.store.task_for_upload(svc, task_id)
+                    ticket = self.store.begin_upload(task.id)
+                    self.count("uploads")
                 elif part.name == "file":
                     if task is None:
                         raise _bad_request("the task_id part must precede the file part")
@@ -1099,7 +1251,11 @@ class _App:
                     part.text()  # unknown fields are skipped
             if task is None or saved is None:
                 raise _bad_request("need a task_id part and a file part")
+            if not self.store.end_upload(task.id, ticket):
+                raise _HttpError(_error(500, "Internal", "temporary upload file vanished (overlapping upload)"))
         except BaseException:
+            if task is not None:
+                self.store.end_upload(task.id, ticket)
             if saved is not None:
                 saved[3].unlink(missing_ok=True)
             raise
@@ -1167,7 +1323,7 @@ class _App:
         return _json(200, {"files": self.store.list_files(task_id)})
 
     def client_download(self, req: _Request, id: str) -> _Response:
-        return _file_response(self.store.get_file(id))
+        return _file_response(self.store.get_file(id), req.headers)
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
@@ -1192,10 +1348,11 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         started = time.monotonic()
         path, _, query = self.path.partition("?")
+        deadline = started + app.request_timeout if app.request_timeout > 0 else None
         req: _Request | None = None
         try:
-            req = _Request(self.command, path, parse_qs(query), self.headers, _Body(self.rfile, self.headers),
-                           self.server.closing)
+            body = _Body(self.rfile, self.headers, self.connection, deadline)
+            req = _Request(self.command, path, parse_qs(query), self.headers, body, self.server.closing)
             if not req.is_multipart:
                 req.data = req.body.read_all(_MAX_SMALL_BODY)
                 req.record = _maybe_json(req.data)
@@ -1207,8 +1364,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             app.record_error(traceback.format_exc())
             resp = _error(500, "Internal", "dev server bug (see DevServer.errors)")
-        if not resp.drop and not self._drain(req):
-            self.close_connection = True  # could not read the rest: the connection is out of step
+        if not resp.drop and (req is None or not req.body.done):
+            # answered before the body was read (observed): close rather than drain the rest
+            resp.headers["Connection"] = "close"
 
         def record(status: int | None) -> None:
             app.record_call(Call(self.command, path, status, started, req.record if req else None))
@@ -1218,16 +1376,6 @@ class _Handler(BaseHTTPRequestHandler):
             record(None)
             return
         self._send(resp, record)
-
-    def _drain(self, req: _Request | None) -> bool:
-        # read what the client is still sending, so it sees our answer rather than a reset
-        if req is None:
-            return False
-        try:
-            req.body.drain()
-            return True
-        except (_HttpError, OSError):
-            return False
 
     def _send(self, resp: _Response, record: Callable[[int | None], None]) -> None:
         recorded = False
@@ -1239,19 +1387,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Type", resp.content_type)
             if resp.stream is None:
                 self.send_header("Content-Length", str(len(resp.body)))
-            elif resp.length is not None:
-                self.send_header("Content-Length", str(resp.length))
+            elif resp.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
             else:
                 self.send_header("Connection", "close")
-                self.close_connection = True
             self.end_headers()
             record(resp.status)  # before the body: an endless stream is visible while it runs
             recorded = True
             if resp.stream is None:
                 self.wfile.write(resp.body)
             else:
-                for chunk in resp.stream:
-                    self.wfile.write(chunk)
+                self._write_stream(resp)
         except OSError:
             self.close_connection = True
         finally:
@@ -1259,6 +1405,17 @@ class _Handler(BaseHTTPRequestHandler):
                 record(resp.status)
             if resp.stream is not None:
                 resp.stream.close()
+
+    def _write_stream(self, resp: _Response) -> None:
+        for chunk in resp.stream:
+            if not resp.chunked:
+                self.wfile.write(chunk)
+            elif chunk:  # an empty chunk would end the body
+                self.wfile.write(b"%x\r\n" % len(chunk))
+                self.wfile.write(chunk)
+                self.wfile.write(b"\r\n")
+        if resp.chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
 
 def _maybe_json(data: bytes) -> Any:
@@ -1321,6 +1478,7 @@ class DevServer:
 
     `rate_limit_per_minute` is the number of agent requests allowed per key in any
     `rate_window_secs` window (60 by default, hence the name); 0 turns the limit off.
+    `request_timeout_secs` bounds how long a request body (an upload) may take; 0 = no bound.
     While the server is down (`go_down`) the sweeper pauses, and after `come_up` the
     first sweep comes a full `sweep_interval_secs` later, as with a restarted process.
     """
@@ -1328,7 +1486,7 @@ class DevServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, data_dir: Path | str | None = None,
                  admin_key: str | None = None, rate_limit_per_minute: int = 150, rate_window_secs: float = 60,
                  heartbeat_timeout_secs: float = 60, sweep_interval_secs: float = 10,
-                 max_file_bytes: int = 50 * 1024 ** 2, max_retries: int = 3):
+                 max_file_bytes: int = 50 * 1024 ** 2, max_retries: int = 3, request_timeout_secs: float = 30):
         self.host = host
         self._port = port
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -1343,7 +1501,7 @@ class DevServer:
         self._store = _Store(files_dir, heartbeat_timeout_secs, max_retries)
         self.faults = Faults(self._store)
         self._app = _App(self._store, self.faults, _RateLimiter(rate_limit_per_minute, rate_window_secs),
-                         self.admin_key, max_file_bytes)
+                         self.admin_key, max_file_bytes, request_timeout_secs)
         self._life = threading.Lock()
         self._httpd: _HTTPServer | None = None
         self._serve_thread: threading.Thread | None = None
@@ -1453,7 +1611,8 @@ class DevServer:
 
     @property
     def stats(self) -> Counter[str]:
-        """Counters: "429" (all 429s sent), "rate_limited", "faults", "delayed"."""
+        """Counters: "429" (all 429s sent), "rate_limited", "faults", "delayed",
+        "uploads" (agent uploads that got past their task_id part)."""
         with self._app.log_lock:
             return Counter(self._app.stats)
 

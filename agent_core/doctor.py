@@ -2,23 +2,29 @@
 
 The checks run in order and later ones are skipped when what they need failed (no engine:
 no image check). Essential checks decide the exit code; `warn` never does. The credentials
-check sends one real heartbeat (with the running daemon's load, else 0), which the server
-counts like any other.
+check sends one real heartbeat (`online`, load 0) only when no daemon runs for this data dir:
+a running daemon's beat would be overwritten, so its last heartbeat is reported instead. The
+task network check sends nothing: it reads the engine's network, the host's routes and its
+listening sockets (netreach). The api_key is masked in every line, whatever a server echoes.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import ssl
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
+
 from agent_core import config as configmod
-from agent_core import process
+from agent_core import logs, netreach, process
 from agent_core.client import Client
-from agent_core.errors import AgentError, AuthRejected
+from agent_core.errors import AgentError, AuthRejected, ExecutorError
 from agent_core.executor import DockerExecutor, gpu_verdict
 from agent_core.protocol import Heartbeat
 from agent_core.workspace import free_disk_mb
@@ -84,18 +90,90 @@ def _gpu(cfg: configmod.Config, info: dict[str, Any]) -> Check:
     return Check("gpu", status, f"GPU: {verdict.message}")
 
 
-def _server(cfg: configmod.Config, client: Client) -> Check:
-    if client.health():
-        return Check("server", OK, f"server {client.base_url} reachable (/health)")
-    return Check("server", FAIL, f"server {client.base_url} not reachable (GET /health failed): check "
-                                 "server.base_url, the network and server.use_system_proxy")
+def _task_network(cfg: configmod.Config, executor: DockerExecutor) -> Check:
+    try:
+        reach = netreach.assess(cfg.executor.network_mode, executor.network)
+    except ExecutorError as e:
+        return Check("task_network", WARN, f"task network not checked: {e}", essential=False)
+    return Check("task_network", OK if reach.level == "ok" else WARN, f"task {reach.message}", essential=False)
+
+
+def _metrics(cfg: configmod.Config) -> Check:
+    warning = netreach.metrics_exposure_warning(cfg.metrics.listen)
+    if warning:
+        return Check("metrics", WARN, warning, essential=False)
+    return Check("metrics", OK, f"metrics.listen = {cfg.metrics.listen!r} is loopback only: tasks cannot reach it",
+                 essential=False)
+
+
+HEALTH_REPLY_CAP = 64 * 1024  # an OpenAaaS /health says {"status": "healthy"}; a web page needs no more
+
+
+def _caused_by(e: BaseException, kind: type[BaseException]) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _health_reply(cfg: configmod.Config, url: str) -> tuple[int, str, bytes]:
+    s = cfg.server
+    timeout = httpx.Timeout(connect=s.connect_timeout_secs, read=s.read_timeout_secs, write=s.read_timeout_secs,
+                            pool=s.read_timeout_secs)
+    with httpx.Client(timeout=timeout, trust_env=s.use_system_proxy) as http, http.stream("GET", url) as r:
+        body = b""
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > HEALTH_REPLY_CAP:
+                break
+        return r.status_code, r.headers.get("content-type", "?"), body
+
+
+def _server(cfg: configmod.Config) -> Check:
+    """GET /health, telling apart nothing listening, a TLS failure and an answer that is not OpenAaaS."""
+    base = cfg.require_server()
+    where = f"server {base}"
+    try:
+        status, content_type, body = _health_reply(cfg, f"{base}/health")
+    except httpx.TimeoutException:
+        return Check("server", FAIL, f"{where} not reachable: no answer in time: check the network, a firewall, "
+                                     "server.use_system_proxy and server.connect_timeout_secs")
+    except httpx.HTTPError as e:
+        if _caused_by(e, ssl.SSLError):
+            return Check("server", FAIL, f"{where}: TLS failed ({e}): check the host name in server.base_url, "
+                                         "install the server's CA (SSL_CERT_FILE), or the port may speak plain "
+                                         "http (use http://)")
+        if _caused_by(e, ConnectionRefusedError) or "refused" in str(e).lower():
+            return Check("server", FAIL, f"{where} not reachable: connection refused (nothing listens there): "
+                                         "check that the server runs and the host and port in server.base_url")
+        return Check("server", FAIL, f"{where} not reachable ({e}): check server.base_url, DNS, the network "
+                                     "and server.use_system_proxy")
+    try:
+        healthy = json.loads(body).get("status") == "healthy"
+    except (ValueError, AttributeError):
+        healthy = False
+    if status == 200 and healthy:
+        return Check("server", OK, f"{where} reachable (/health)")
+    return Check("server", FAIL, f"{where} answers, but not as an OpenAaaS server (GET /health: HTTP {status}, "
+                                 f"{content_type.split(';')[0]}): server.base_url must be the API root, "
+                                 "not a web page or another service")
 
 
 def _credentials(cfg: configmod.Config, client: Client) -> Check:
-    live = process.read_status(cfg.paths.data_dir) or {}
-    load = len(live.get("tasks") or [])  # a running daemon's load, so this beat tells the truth
+    live = process.read_status(cfg.paths.data_dir)
+    if live is not None:  # our heartbeat would overwrite the load the daemon reports
+        last = live.get("last_heartbeat")
+        error = (live.get("errors") or {}).get("heartbeat") or {}
+        if isinstance(error.get("at"), (int, float)) and (not isinstance(last, (int, float))
+                                                          or error["at"] > last):
+            return Check("credentials", WARN, f"the running daemon (pid {live.get('pid')}) has heartbeat "
+                                              f"trouble: {error.get('message', '?')}")
+        said = f"{max(0.0, time.time() - last):.0f} s ago" if isinstance(last, (int, float)) else "none yet"
+        return Check("credentials", OK, f"credentials in use by the running daemon (pid {live.get('pid')}); "
+                                        f"its last heartbeat: {said} (none sent by doctor)")
     try:
-        client.heartbeat(Heartbeat("online", load, cfg.executor.capacity))
+        client.heartbeat(Heartbeat("online", 0, cfg.executor.capacity))
     except AuthRejected as e:
         return Check("credentials", FAIL, f"credentials refused ({e}): the service was revoked or the key is "
                                           "wrong; with a new token: `agent-core register --force --token ...`")
@@ -122,7 +200,7 @@ def _server_checks(cfg: configmod.Config) -> Iterator[Check]:
         yield Check("server", FAIL, "server.base_url not set: `agent-core init --force --server URL` or edit it")
         return
     with Client.from_config(cfg, registered=cfg.agent.registered) as client:
-        yield (server := _server(cfg, client))
+        yield (server := _server(cfg))
         if not cfg.agent.registered:
             yield Check("credentials", FAIL, "not registered: `agent-core register --token ...`")
         elif server.status == OK:
@@ -137,10 +215,12 @@ def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
         yield engine
         if info is None:
             yield Check("image", SKIP, f"executor image {cfg.executor.image} not checked: no engine")
+            yield Check("task_network", SKIP, "task network not checked: no engine", essential=False)
             return
         yield _image(cfg, executor)
         if cfg.executor.gpu is not None:
             yield _gpu(cfg, info)
+        yield _task_network(cfg, executor)
 
 
 def run(config_path: Path) -> list[Check]:
@@ -149,8 +229,12 @@ def run(config_path: Path) -> list[Check]:
     except AgentError as e:
         return [Check("config", FAIL, f"config invalid: {e}"),
                 Check("other", SKIP, "other checks need a valid config")]
-    return [Check("config", OK, f"config {cfg.path} valid"), _data_dir(cfg), *_engine_checks(cfg),
-            *_server_checks(cfg), _disk(cfg)]
+    checks = [Check("config", OK, f"config {cfg.path} valid"),
+              *(Check("config", WARN, line, essential=False) for line in configmod.warnings(cfg)),
+              *(Check("other_agent", WARN, line, essential=False) for line in process.same_service_elsewhere(cfg)),
+              _data_dir(cfg), *_engine_checks(cfg), *_server_checks(cfg), _disk(cfg),
+              *([_metrics(cfg)] if cfg.metrics.listen else [])]
+    return [replace(c, message=logs.mask(c.message, cfg.agent.api_key)) for c in checks]
 
 
 def render(checks: list[Check]) -> str:

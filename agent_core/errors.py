@@ -94,6 +94,11 @@ class AuthRejected(ServerRejected):
     pass
 
 
+class UploadRefused(ServerRejected):
+    """The server will never take this output file (over its size limit, or longer to send than
+    its request timeout): final for the file, and the task must say so."""
+
+
 class TaskGone(ServerRejected):
     pass
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import platform
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import docker
 import docker.errors
@@ -48,18 +49,19 @@ from agent_core.errors import (
     DockerUnavailable,
     ExecutorError,
     ImageMissing,
-    UnsafePath,
     WorkspaceError,
 )
+from agent_core.workspace import WORKSPACE_MOUNT, check_task_id
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "LABEL_MANAGED",
     "LABEL_SERVICE",
+    "LABEL_AGENT",
     "LABEL_TASK",
     "CONTAINER_PREFIX",
-    "WORKSPACE_MOUNT",
+    "Owner",
     "Bind",
     "ContainerSpec",
     "Exit",
@@ -75,9 +77,11 @@ __all__ = [
 
 LABEL_MANAGED = "agent-core.managed"
 LABEL_SERVICE = "agent-core.service_id"
+LABEL_AGENT = "agent-core.agent_id"
 LABEL_TASK = "agent-core.task_id"
 CONTAINER_PREFIX = "agent-core-"
-WORKSPACE_MOUNT = "/workspace"
+PURGE_TASK = "purge"  # the task label of a clean-up container (see purge)
+PURGE_MOUNT = "/purge"
 NO_NEW_PRIVILEGES = "no-new-privileges"
 HOST_ALIAS = "host.docker.internal"  # what Docker Desktop calls the host; `host-gateway` gives it on Linux
 # The engine's json-file log holds stdout and stderr together, JSON-wrapped line by line
@@ -88,8 +92,7 @@ LOG_MAX_FILES = 3
 LOG_FILE_FACTOR = 2
 MIN_LOG_FILE_BYTES = 1024 * 1024
 
-_TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_RESERVED_LABELS = frozenset({LABEL_MANAGED, LABEL_SERVICE, LABEL_TASK})
+_RESERVED_LABELS = frozenset({LABEL_MANAGED, LABEL_SERVICE, LABEL_AGENT, LABEL_TASK})
 _DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _COPY_CHUNK = 64 * 1024
 
@@ -97,11 +100,47 @@ _COPY_CHUNK = 64 * 1024
 # --- pure: names and specs --------------------------------------------------
 
 
-def container_name(task_id: str) -> str:
-    """`agent-core-<task id>`; raises UnsafePath for an id that could not be a container name."""
-    if not isinstance(task_id, str) or not _TASK_ID_RE.fullmatch(task_id):
-        raise UnsafePath(f"task id {task_id!r} is not a safe container name")
-    return CONTAINER_PREFIX + task_id
+@dataclass(frozen=True)
+class Owner:
+    """Whose a container is: one service, and one agent of it (named by its data dir).
+
+    Several agents may share an engine: agents of other services, and two agents of one
+    service with two data dirs. A container is ours only when every label says so (`owns`);
+    anything else on the engine is never adopted, stopped or removed.
+    """
+
+    service_id: str
+    agent_id: str
+
+    @classmethod
+    def of(cls, service_id: str, data_dir: Path | str) -> Owner:
+        real = os.path.realpath(os.fspath(data_dir))
+        return cls(str(service_id), hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16])
+
+    @property
+    def key(self) -> str:
+        """12 hex digits that make a container name unique per service and agent."""
+        return hashlib.sha256(f"{self.service_id}\0{self.agent_id}".encode()).hexdigest()[:12]
+
+    def labels(self, task_id: str) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_SERVICE: self.service_id, LABEL_AGENT: self.agent_id,
+                LABEL_TASK: task_id}
+
+    def owns(self, labels: Mapping[str, str] | None, task_id: str | None = None) -> bool:
+        """Every label ours (and the task's, when given)."""
+        labels = labels or {}
+        return (labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_SERVICE) == self.service_id
+                and labels.get(LABEL_AGENT) == self.agent_id
+                and (task_id is None or labels.get(LABEL_TASK) == task_id))
+
+    def filters(self) -> list[str]:
+        """The engine-side label filter for `owns` (re-checked here: never trust one side alone)."""
+        return [f"{LABEL_MANAGED}=true", f"{LABEL_SERVICE}={self.service_id}", f"{LABEL_AGENT}={self.agent_id}"]
+
+
+def container_name(owner: Owner, task_id: str) -> str:
+    """`agent-core-<owner key>-<task id>`; raises UnsafePath for an id that could not be a name."""
+    return f"{CONTAINER_PREFIX}{owner.key}-{check_task_id(task_id)}"
 
 
 @dataclass(frozen=True)
@@ -166,11 +205,11 @@ def check_mounts(cfg: Config) -> None:
             raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {mount.host} does not exist")
 
 
-def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
+def build_spec(cfg: Config, *, task_id: str, workspace: Path, owner: Owner,
                extra_labels: Mapping[str, str] | None = None) -> ContainerSpec:
     """The container for one task, following the executor contract (protocol.md §5)."""
     ex = cfg.executor
-    name = container_name(task_id)
+    name = container_name(owner, task_id)
 
     entrypoint: tuple[str, ...] | None = None
     command: tuple[str, ...] | None = None
@@ -179,10 +218,9 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
     elif ex.executor_type == "python":
         entrypoint = ("python", ex.effective_script_path)
     elif ex.executor_type == "custom":
-        if not ex.custom_entrypoint:
-            raise ConfigError(f"{cfg.path}: executor.custom_entrypoint: is required when executor_type = \"custom\"")
-        entrypoint = (ex.custom_entrypoint,)
-        command = tuple(ex.custom_args)
+        # no custom_entrypoint: the image's own ENTRYPOINT, with custom_args as its CMD
+        entrypoint = ex.custom_entrypoint or None
+        command = ex.custom_args
     elif ex.executor_type != "standard":
         raise ConfigError(f"{cfg.path}: executor.executor_type: unknown type {ex.executor_type!r}")
 
@@ -198,7 +236,7 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, service_id: str,
         if key in _RESERVED_LABELS:
             raise ValueError(f"label {key} is set by agent-core itself")
         labels[str(key)] = str(value)
-    labels.update({LABEL_MANAGED: "true", LABEL_SERVICE: str(service_id), LABEL_TASK: task_id})
+    labels.update(owner.labels(task_id))
 
     return ContainerSpec(
         name=name,
@@ -325,6 +363,10 @@ class Found:
     service_id: str
     status: str
     created: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def owned_by(self, owner: Owner, task_id: str | None = None) -> bool:
+        return owner.owns(self.labels, task_id)
 
 
 @dataclass(frozen=True)
@@ -368,6 +410,7 @@ def _found(attrs: Mapping[str, Any]) -> Found:
         service_id=labels.get(LABEL_SERVICE, ""),
         status=status,
         created=_parse_created(attrs.get("Created")),
+        labels=MappingProxyType({str(k): str(v) for k, v in labels.items()}),
     )
 
 
@@ -419,14 +462,13 @@ def _explain(e: docker.errors.APIError) -> str:
 
 
 class _TailFile:
-    """Keeps the last `limit` bytes written to `path`, with bounded memory.
-
-    The file grows to at most 2 * limit before its tail is moved to the front.
+    """Keeps the last `limit` bytes written to the file `f` (opened w+b by the caller), with
+    bounded memory. The file grows to at most 2 * limit before its tail is moved to the front.
     """
 
-    def __init__(self, path: Path, limit: int):
-        self.path, self.limit, self.size, self.seen = path, max(0, limit), 0, 0
-        self.f = self._io(open, path, "w+b")
+    def __init__(self, f: BinaryIO, limit: int, what: str):
+        self.f, self.limit, self.size, self.seen = f, max(0, limit), 0, 0
+        self.path = what  # for messages
 
     def _io(self, fn: Any, *args: Any) -> Any:
         try:
@@ -536,6 +578,40 @@ class DockerExecutor:
         if verdict.level == "warn":
             log.warning("%s", verdict.message)
 
+    def network(self, name: str) -> dict[str, Any] | None:
+        """The engine's description of network `name` (docker network inspect); None when it has none."""
+        client = self._api()
+        try:
+            with self._do(f"inspect network {name}", missing=ExecutorError):
+                return client.api.inspect_network(name)
+        except ExecutorError as e:
+            if _status(e) == 404:
+                return None
+            raise
+
+    def image_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
+        """A tar archive of `path` in `image` (None when the image has no such file), read from a
+        created, never started, container that is removed at once. More than max_bytes is an error."""
+        client = self._api()
+        with self._do(f"create a container of {image}", image=image, missing=ExecutorError):
+            container_id = client.api.create_container(image, entrypoint=["/nonexistent"], network_disabled=True,
+                                                       host_config=client.api.create_host_config(
+                                                           network_mode="none"))["Id"]
+        try:
+            try:
+                with self._do(f"read {path} from {image}"):
+                    stream, _ = client.api.get_archive(container_id, path)
+                    data = bytearray()
+                    for chunk in stream:
+                        data += chunk
+                        if len(data) > max_bytes:
+                            raise ExecutorError(f"{path} in {image} is larger than {max_bytes} bytes")
+                    return bytes(data)
+            except ContainerVanished:  # the 404 of a missing path
+                return None
+        finally:
+            self.remove(container_id)
+
     def image_present(self, image: str) -> bool:
         client = self._api()
         try:
@@ -547,11 +623,13 @@ class DockerExecutor:
 
     # -- lifecycle
 
-    def create(self, spec: ContainerSpec) -> str:
+    def create(self, spec: ContainerSpec, owner: Owner) -> str:
         """Create the task's container and return its id. Never pulls.
 
-        On a name conflict the existing container is adopted when it is ours, for the
-        same task, and running; otherwise it is force-removed and created again once.
+        On a name conflict the existing container is adopted when it is `owner`'s, for the
+        same task, and running; when it is `owner`'s but not running it is force-removed and
+        created again once. A foreign container with the name is an error: never adopted,
+        never removed.
         """
         client = self._api()
         kwargs = create_kwargs(spec)
@@ -567,8 +645,10 @@ class DockerExecutor:
                 log.info("container %s vanished after a name conflict; creating it again", spec.name)
                 continue
             existing = _found(attrs)
-            ours = ((attrs.get("Config") or {}).get("Labels") or {}).get(LABEL_MANAGED) == "true"
-            if ours and existing.task_id == spec.task_id and existing.status == "running":
+            if not existing.owned_by(owner, spec.task_id):
+                raise ExecutorError(f"container name {spec.name} is taken by a container that is not this "
+                                    f"agent's ({existing.id[:12]}): left alone; remove it if it is stale")
+            if existing.status == "running":
                 log.info("adopting running container %s (%s) for task %s", spec.name, existing.id[:12],
                          spec.task_id)
                 return existing.id
@@ -645,12 +725,14 @@ class DockerExecutor:
                 return  # a removal already in progress finished
             raise
 
-    def save_logs(self, container_id: str, stdout_path: Path, stderr_path: Path, max_bytes: int) -> SavedLogs:
-        """Stream stdout and stderr into two files, each keeping at most the last max_bytes."""
+    def save_logs(self, container_id: str, open_stdout: Callable[[], BinaryIO],
+                  open_stderr: Callable[[], BinaryIO], max_bytes: int) -> SavedLogs:
+        """Stream stdout and stderr into the files the callables open (w+b), each keeping at most
+        the last max_bytes. Opening them is the caller's: it knows where they may safely be."""
         client = self._api()
         seen = []
-        for path, is_stdout in ((Path(stdout_path), True), (Path(stderr_path), False)):
-            tail = _TailFile(path, max_bytes)
+        for opener, is_stdout in ((open_stdout, True), (open_stderr, False)):
+            tail = _TailFile(opener(), max_bytes, f"the {'stdout' if is_stdout else 'stderr'} log")
             try:
                 with self._do(f"read the logs of container {container_id}"):
                     stream = client.api.logs(container_id, stdout=is_stdout, stderr=not is_stdout,
@@ -666,17 +748,38 @@ class DockerExecutor:
             seen.append(tail.seen)
         return SavedLogs(stdout_bytes=seen[0], stderr_bytes=seen[1], max_bytes=max_bytes)
 
+    def purge(self, image: str, entry: Path, owner: Owner) -> None:
+        """Delete `entry`/ws as root inside a throw-away container of `image` that sees only `entry`.
+
+        For an agent that is not root: a task container (root inside) can leave files that only
+        root may delete. The container has no network, every capability dropped but the two that
+        let root ignore file modes, and is removed afterwards. Raises ExecutorError on failure.
+        """
+        spec = ContainerSpec(
+            name=container_name(owner, f"purge-{os.urandom(6).hex()}"), image=image,
+            entrypoint=("rm", "-rf", f"{PURGE_MOUNT}/ws"), command=(), working_dir="/", environment={},
+            labels=owner.labels(PURGE_TASK), binds=(Bind(hostpaths.bind_source(entry), PURGE_MOUNT, False),),
+            pids_limit=64, network_mode="none", user="0:0", cap_drop=("ALL",),
+            cap_add=("DAC_OVERRIDE", "FOWNER"), log_max_size=MIN_LOG_FILE_BYTES)
+        client = self._api()
+        with self._do(f"create container {spec.name}", image=image, missing=ExecutorError):
+            container_id = client.containers.create(**create_kwargs(spec)).id
+        try:
+            self.start(container_id)
+            code = self.wait(container_id).code
+        finally:
+            self.remove(container_id)
+        if code != 0:
+            raise ExecutorError(f"the clean-up container ({image}, `rm -rf`) exited {code}")
+
     # -- listing
 
-    def managed(self, service_id: str | None = None) -> list[Found]:
-        """Every container carrying our labels (optionally for one service), any state."""
+    def managed(self, owner: Owner) -> list[Found]:
+        """Every container of `owner`, any state (the engine filters; each is checked again here)."""
         client = self._api()
-        labels = [f"{LABEL_MANAGED}=true"]
-        if service_id:
-            labels.append(f"{LABEL_SERVICE}={service_id}")
         with self._do("list containers"):
-            containers = client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
-        return [_found(c.attrs) for c in containers]
+            containers = client.api.containers(all=True, filters={"label": owner.filters()})
+        return [f for f in map(_found, containers) if f.owned_by(owner)]
 
     def inspect(self, id_or_name: str) -> Found | None:
         attrs = self._inspect_attrs(id_or_name)

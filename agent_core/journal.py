@@ -1,8 +1,13 @@
-"""Durable task state: one JSON record per task, rewritten atomically at every stage.
+"""Durable task state, in three files per task, so a big task costs its size on disk once:
 
-The record is what lets a restarted daemon pick a task up where it stopped
-(scheduler recovery). It holds the task as the server sent it, the stage
-reached and what that stage produced; never a credential.
+    journal/<id>.json           the stage reached and what it produced: small, rewritten atomically
+                                at every stage
+    journal/tasks/<id>.json     the task as the server sent it (prompt included): written once
+    journal/uploads/<id>.log    one line per uploaded output (path, file_id), appended and fsynced
+
+A 40 MB prompt with 1000 outputs is then written once, not once per upload. The records are
+what let a restarted daemon pick a task up where it stopped (scheduler recovery); they never
+hold a credential.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from agent_core.errors import AgentError, JournalError
@@ -50,16 +55,22 @@ class TaskRecord:
         return self.task.id
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["task"] = self.task.to_json()
+        """The small part: everything but the task and the uploads, which have files of their own."""
+        # field by field, not asdict(): that would deep-copy the task (and its prompt) every time
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("task", "uploads")}
+        data["task_id"] = self.task_id
         data["stage"] = self.stage.name
         data["completion"] = self.completion.to_json() if self.completion else None
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> TaskRecord:
+    def from_json(cls, data: dict, task: Task, uploads: dict[str, str]) -> TaskRecord:
         data = dict(data)
-        data["task"] = Task.from_json(data["task"])
+        if data.pop("task_id", task.id) != task.id:
+            raise ValueError("the record and the task file name different tasks")
+        data.pop("task", None)  # a record from before the split held the task itself
+        data["uploads"] = {**data.get("uploads", {}), **uploads}
+        data["task"] = task
         data["stage"] = Stage[data["stage"]]
         data["completion"] = Completion.from_json(data["completion"]) if data.get("completion") else None
         record = cls(**data)
@@ -80,43 +91,116 @@ class Journal:
 
     def __init__(self, data_dir: Path):
         self.dir = Path(data_dir) / "journal"
+        self.tasks_dir = self.dir / "tasks"
+        self.uploads_dir = self.dir / "uploads"
         self.corrupt_dir = self.dir / "corrupt"
+        self._task_written: set[str] = set()
 
-    def _path(self, task_id: str) -> Path:
+    def _name(self, task_id: str) -> str:
         if not task_id or task_id.startswith(".") or any(c in task_id for c in "/\\\0"):
             raise JournalError(f"task id {task_id[:40]!r} cannot name a journal record")
-        return self.dir / f"{task_id}.json"
+        return task_id
+
+    def _path(self, task_id: str) -> Path:
+        return self.dir / f"{self._name(task_id)}.json"
+
+    def _task_path(self, task_id: str) -> Path:
+        return self.tasks_dir / f"{self._name(task_id)}.json"
+
+    def _uploads_path(self, task_id: str) -> Path:
+        return self.uploads_dir / f"{self._name(task_id)}.log"
+
+    def _make_dirs(self) -> None:
+        for folder in (self.dir, self.tasks_dir, self.uploads_dir):  # parents first: each 0700
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def save(self, record: TaskRecord) -> None:
+        """The stage record; the first save of a task also writes the task itself, once."""
+        task_id = record.task_id
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self._path(record.task_id), json.dumps(record.to_json(), indent=1))
+            if task_id not in self._task_written:
+                self._make_dirs()
+                write_atomic(self._task_path(task_id), json.dumps(record.task.to_json()))
+                self._task_written.add(task_id)
+            write_atomic(self._path(task_id), json.dumps(record.to_json(), indent=1))
         except OSError as e:
-            raise JournalError(f"cannot write the journal record of task {record.task_id}: {e}") from None
+            raise JournalError(f"cannot write the journal record of task {task_id}: {e}") from None
+
+    def add_upload(self, task_id: str, rel: str, file_id: str) -> None:
+        """One uploaded output, appended durably: a restart will not upload it again."""
+        line = json.dumps({"path": rel, "file_id": file_id}) + "\n"
+        try:
+            self._make_dirs()
+            with open(self._uploads_path(task_id), "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise JournalError(f"cannot journal an upload of task {task_id}: {e}") from None
 
     def remove(self, task_id: str) -> None:
+        # the stage record first: without it, the other two are leftovers that replay removes
+        for path in (self._path(task_id), self._task_path(task_id), self._uploads_path(task_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise JournalError(f"cannot remove the journal record of task {task_id}: {e}") from None
+        self._task_written.discard(task_id)
+
+    def _read_uploads(self, task_id: str) -> dict[str, str]:
+        uploads: dict[str, str] = {}
         try:
-            os.unlink(self._path(task_id))
+            with open(self._uploads_path(task_id), encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        path, file_id = entry["path"], entry["file_id"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line torn by a crash: that upload is simply done again
+                    if isinstance(path, str) and isinstance(file_id, str):
+                        uploads[path] = file_id
         except FileNotFoundError:
             pass
-        except OSError as e:
-            raise JournalError(f"cannot remove the journal record of task {task_id}: {e}") from None
+        return uploads
+
+    def _load(self, path: Path) -> TaskRecord:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        task_id = data.get("task_id")
+        if "task" in data:  # written before the split
+            task = Task.from_json(data["task"])
+        else:
+            if not isinstance(task_id, str) or self._path(task_id).name != path.name:
+                raise ValueError(f"it names task {str(task_id)[:40]!r}")
+            task = Task.from_json(json.loads(self._task_path(task_id).read_text(encoding="utf-8")))
+        record = TaskRecord.from_json(data, task, self._read_uploads(task.id))
+        if self._path(record.task_id).name != path.name:
+            raise ValueError(f"it holds task {record.task_id[:40]!r}")
+        return record
 
     def replay(self) -> list[TaskRecord]:
         """Every readable record, oldest first; unreadable ones are set aside with a warning."""
         if not self.dir.is_dir():
             return []
-        for tmp in self.dir.glob(".*.tmp"):  # a write_atomic cut short by a crash
-            tmp.unlink(missing_ok=True)
+        for folder in (self.dir, self.tasks_dir):
+            for tmp in folder.glob(".*.tmp"):  # a write_atomic cut short by a crash
+                tmp.unlink(missing_ok=True)
         records = []
         for path in sorted(self.dir.glob("*.json")):
             try:
-                record = TaskRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
-                if self._path(record.task_id).name != path.name:
-                    raise ValueError(f"it holds task {record.task_id[:40]!r}")
+                record = self._load(path)
                 records.append(record)
+                self._task_written.add(record.task_id)
             except (OSError, ValueError, KeyError, TypeError, AgentError) as e:
                 self._set_aside(path, e)
+        known = {f"{r.task_id}.json" for r in records}
+        for folder, suffix in ((self.tasks_dir, ".json"), (self.uploads_dir, ".log")):
+            for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+                if path.name[:-len(suffix)] + ".json" not in known:
+                    path.unlink(missing_ok=True)  # the record was removed, or set aside
         return sorted(records, key=lambda r: r.accepted_at)
 
     def _set_aside(self, path: Path, why: Exception) -> None:

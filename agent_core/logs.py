@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 MASK = "***"
@@ -102,10 +105,24 @@ def _log_uncaught(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def make_handler(fmt: str = "text", *, stream: IO[str] | None = None,
-                 secrets: list[str] | None = None) -> logging.Handler:
-    """The one handler `setup` installs: text or JSON lines, task ids filled in, secrets masked."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Size-rotated log file (max_bytes 0 = never) whose every generation is 0600: lines may quote task data."""
+
+    def _open(self) -> IO[str]:
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
+def make_handler(fmt: str = "text", *, stream: IO[str] | None = None, secrets: list[str] | None = None,
+                 file: Path | None = None, max_bytes: int = 0, backups: int = 0) -> logging.Handler:
+    """The one handler `setup` installs: text or JSON lines to `stream` (or a rotated `file`), task ids
+    filled in, secrets masked."""
+    handler: logging.Handler
+    if file is not None:
+        handler = PrivateRotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TaskContext())
     handler.addFilter(RedactSecrets(secrets or []))
@@ -113,8 +130,9 @@ def make_handler(fmt: str = "text", *, stream: IO[str] | None = None,
 
 
 def setup(level: str = "info", fmt: str = "text", *, stream: IO[str] | None = None,
-          secrets: list[str] | None = None) -> None:
-    handler = make_handler(fmt, stream=stream, secrets=secrets)
+          secrets: list[str] | None = None, file: Path | None = None, max_bytes: int = 0,
+          backups: int = 0) -> None:
+    handler = make_handler(fmt, stream=stream, secrets=secrets, file=file, max_bytes=max_bytes, backups=backups)
     threading.excepthook = _log_uncaught
     root = logging.getLogger()
     for old in list(root.handlers):

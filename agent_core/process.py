@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import psutil
 
-from agent_core.errors import AlreadyRunning, NotRunning, ProcessError
+from agent_core import config as configmod
+from agent_core.errors import AgentError, AlreadyRunning, NotRunning, ProcessError
 from agent_core.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 PIDFILE = "agent.pid"
 LOGFILE = "agent.log"
 STATUSFILE = "status.json"
+# the states the daemon writes, in ladder order: each stop signal moves it one step
+LADDER = ("running", "draining", "cancelling", "exiting")
+PROGRESS_EVERY_SECS = 5.0
 
 # --- the OS differences (the Windows half cannot be tested on Linux: keep it this small) ---
 
@@ -173,13 +177,20 @@ def read_status(data_dir: Path) -> dict[str, Any] | None:
     return status
 
 
-def _wait(check: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
+def _wait(check: Callable[[], bool], timeout: float, step: float = 0.1,
+          tick: Callable[[], None] | None = None, every: float = PROGRESS_EVERY_SECS) -> bool:
+    """Poll `check` until true or `timeout`; `tick` is called every `every` seconds while waiting."""
+    now = time.monotonic()
+    deadline, next_tick = now + timeout, now + every
     while True:
         if check():
             return True
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             return False
+        if tick is not None and now >= next_tick:
+            tick()
+            next_tick = now + every
         time.sleep(step)
 
 
@@ -199,7 +210,10 @@ def detach(config_path: Path, data_dir: Path, run_args: list[str], timeout: floa
         raise AlreadyRunning(f"an agent is already running for data dir {data_dir} (pid {pid})")
     ensure_data_dir(data_dir)
     log_path = data_dir / LOGFILE
-    cmd = [sys.executable, "-m", "agent_core", "--config", str(config_path), "run", *run_args]
+    # the child logs through a size-rotated handler; its raw stdout/stderr (a crash before logging is set
+    # up) go to the same file
+    cmd = [sys.executable, "-m", "agent_core", "--config", str(config_path), "run", "--log-file", str(log_path),
+           *run_args]
     with open(log_path, "ab") as log_file:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -216,16 +230,50 @@ def detach(config_path: Path, data_dir: Path, run_args: list[str], timeout: floa
     return proc.pid
 
 
-def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None]) -> None:
+def stop_progress(status: dict[str, Any], grace: float, since: float | None, now: float) -> str:
+    """ "draining, 2 tasks left, 250 s of grace left": where a stop stands, from the status file.
+
+    The grace runs from the daemon's "stop_requested_at" when it writes one, else from `since`.
+    """
+    state = status.get("state") or "starting"
+    tasks = len(status.get("tasks") or [])
+    parts = [state, f"{tasks} task{'' if tasks == 1 else 's'} left"]
+    began = status.get("stop_requested_at") or since
+    if state == "draining" and isinstance(began, (int, float)):
+        parts.append(f"{max(0.0, began + grace - now):.0f} s of grace left")
+    return ", ".join(parts)
+
+
+def _step(status: dict[str, Any]) -> int:
+    state = status.get("state")
+    return LADDER.index(state) if state in LADDER else 0  # "starting": not stopping yet
+
+
+def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None],
+         every: float = PROGRESS_EVERY_SECS) -> None:
     """Walk the daemon's signal ladder from outside: SIGTERM (drain; the daemon cancels by itself
-    after its grace), a second SIGTERM (cancel) if it is still there, then SIGKILL."""
+    after its grace), a second SIGTERM (cancel) if it is still there, then SIGKILL. Says where the
+    stop stands every `every` seconds. A plain stop while one is under way only says so: sending
+    another signal would cancel the tasks the first one lets finish."""
     pid = running_pid(data_dir)
     if pid is None:
         raise NotRunning(f"no agent is running for data dir {data_dir}")
     proc = psutil.Process(pid)
+    since = time.time()
+
+    def status() -> dict[str, Any]:
+        return read_status(data_dir) or {}
+
+    if _step(status()) >= LADDER.index("draining") and not force:
+        say(f"a stop is already under way for pid {pid} ({stop_progress(status(), grace, None, time.time())}); "
+            "to cancel the running tasks now: `agent-core stop --force`")
+        return
 
     def gone() -> bool:
         return running_pid(data_dir) != pid
+
+    def tick() -> None:
+        say(f"waiting for pid {pid}: {stop_progress(status(), grace, since, time.time())}")
 
     def signal_step(step: str) -> None:
         try:
@@ -234,20 +282,28 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
             return
         say(f"sent {how} to pid {pid}: {step}")
 
-    signal_step("draining running tasks")
-    if force:
-        # a second signal must not be merged with the first: wait until the daemon has seen it
-        _wait(lambda: gone() or (read_status(data_dir) or {}).get("state") != "running", 5.0)
-        if not gone():
-            signal_step("cancelling running tasks")
+    def step_to(target: str) -> None:
+        for _ in range(LADDER.index(target) - _step(status())):
+            before = _step(status())
+            signal_step(f"{'draining' if before == 0 else 'cancelling'} running tasks")
+            # a next signal must not be merged with this one: wait until the daemon has taken it
+            _wait(lambda: gone() or _step(status()) > before, 5.0)
+            if gone():
+                return
+
+    def stopped(timeout: float) -> bool:
+        if _wait(gone, timeout, tick=tick, every=every):
+            say(f"agent (pid {pid}) stopped")
+            return True
+        return False
+
+    step_to("cancelling" if force else "draining")
     # the daemon moves to cancelling by itself after `grace`; cancelling takes ~10 s per container
-    if _wait(gone, (5.0 if force else grace) + 40.0):
-        say(f"agent (pid {pid}) stopped")
+    if stopped((5.0 if force else grace) + 40.0):
         return
     if not force:
-        signal_step("cancelling running tasks")
-        if _wait(gone, 40.0):
-            say(f"agent (pid {pid}) stopped")
+        step_to("cancelling")
+        if stopped(40.0):
             return
     try:
         proc.kill()
@@ -258,3 +314,71 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
         raise ProcessError(f"pid {pid} survived SIGKILL") from None
     (Path(data_dir) / PIDFILE).unlink(missing_ok=True)
     say(f"agent (pid {pid}) did not stop in time and was killed; its tasks are recovered at the next start")
+
+
+# --- another daemon of the same service --------------------------------------
+
+
+def _agent_args(cmdline: list[str]) -> list[str] | None:
+    """The arguments after the program when `cmdline` is an `agent-core ... run`, else None."""
+    for i, arg in enumerate(cmdline):
+        if Path(arg).name in ("agent-core", "agent-core.exe"):
+            args = cmdline[i + 1:]
+            break
+        if arg == "-m" and cmdline[i + 1:i + 2] == ["agent_core"]:
+            args = cmdline[i + 2:]
+            break
+    else:
+        return None
+    return args if "run" in args else None
+
+
+def config_of(cmdline: list[str], cwd: str | None, env: dict[str, str]) -> Path | None:
+    """Which config file an `agent-core run` command line uses (as the CLI finds it), else None."""
+    args = _agent_args(cmdline)
+    if args is None:
+        return None
+    found: str | None = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.partition("=")[2]
+    found = found or env.get("AGENT_CORE_CONFIG") or configmod.DEFAULT_CONFIG_NAME
+    path = Path(found).expanduser()
+    if not path.is_absolute():
+        if cwd is None:
+            return None
+        path = Path(cwd) / path
+    return path
+
+
+def same_service_elsewhere(cfg: configmod.Config) -> list[str]:
+    """A warning per other agent-core daemon on this host serving our service_id from another data dir:
+    two daemons on one api_key take each other's tasks and overwrite each other's heartbeats."""
+    if not cfg.agent.service_id:
+        return []
+    ours = cfg.paths.data_dir.resolve()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid():
+                continue
+            cmdline = proc.cmdline()
+            if _agent_args(cmdline) is None:
+                continue
+            try:
+                env = proc.environ()
+            except (psutil.AccessDenied, OSError):
+                env = {}
+            path = config_of(cmdline, proc.cwd(), env)
+            if path is None:
+                continue
+            other = configmod.parse(path.read_text(encoding="utf-8"), path.absolute())
+        except (psutil.Error, OSError, UnicodeDecodeError, AgentError):
+            continue  # gone, not ours to read, or not a config: nothing to say about it
+        if other.agent.service_id == cfg.agent.service_id and other.paths.data_dir.resolve() != ours:
+            found.append(f"another agent-core (pid {proc.pid}, data dir {other.paths.data_dir}) runs as service "
+                         f"{cfg.agent.service_id}: two daemons on one api_key take each other's tasks; "
+                         "stop one, or register each with its own token")
+    return found

@@ -1,9 +1,10 @@
 """Typed messages of the OpenAaaS agent protocol (../shared/protocol.md §2).
 
 Parsing is strict about types and lenient about extra fields: a reply that does
-not fit raises `ProtocolViolation`. Values from the server are not trusted here
-beyond their types; names and ids are checked again before they touch a path
-(workspace) or a container name (executor).
+not fit raises `ProtocolViolation`, except a polled task, which is reported in the
+PollResult (`malformed`, `ignored`) so that the polls after it still work. Values
+from the server are not trusted here beyond their types; names and ids are checked
+again before they touch a path (workspace) or a container name (executor).
 """
 
 from __future__ import annotations
@@ -85,12 +86,40 @@ class Task:
                 "session_id": self.session_id, "input_files": [f.to_json() for f in self.input_files]}
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _unusable_id(raw: Any) -> str | None:
+    """Why an offered task has no id we could ever answer about, or None when it has one."""
+    if not isinstance(raw, dict):
+        return f"task is {_json_type(raw)}, not an object: skipped"
+    if "id" not in raw:
+        return "task has no id: skipped"
+    if not isinstance(raw["id"], str):
+        return f"task id is {_json_type(raw['id'])}, not a string: skipped"
+    return None
+
+
 @dataclass(frozen=True)
 class PollResult:
     task: Task | None = None
     cancel_task_id: str | None = None
     # (id, why): a task we cannot parse; it still has to leave the queue, which poll offers oldest first
     malformed: tuple[str, str] | None = None
+    # why an offered task was skipped: without a string id it can be neither accepted nor refused.
+    # The real server's ids are UUID strings, so only a broken or hostile server or proxy sends
+    # one; raising instead would fail every poll for as long as that task is offered.
+    ignored: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> PollResult:
@@ -99,14 +128,15 @@ class PollResult:
         if obj.get("should_cancel"):
             cancel_id = _field(obj, "cancel_task_id", str, "poll")
         task = None
-        if obj.get("has_task") and obj.get("task") is not None:
+        raw = obj.get("task")
+        if obj.get("has_task") and raw is not None:
+            ignored = _unusable_id(raw)
+            if ignored is not None:
+                return cls(cancel_task_id=cancel_id, ignored=ignored)
             try:
-                task = Task.from_json(obj["task"])
+                task = Task.from_json(raw)
             except ProtocolViolation as e:
-                raw_id = obj["task"].get("id") if isinstance(obj["task"], dict) else None
-                if not isinstance(raw_id, str):
-                    raise
-                return cls(cancel_task_id=cancel_id, malformed=(raw_id, str(e)))
+                return cls(cancel_task_id=cancel_id, malformed=(raw["id"], str(e)))
         return cls(task=task, cancel_task_id=cancel_id)
 
 

@@ -24,8 +24,10 @@ from agent_core import workspace as wsmod
 from agent_core.client import Backoff, Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerError,
-                               ServerRejected, ServerUnavailable, TaskGone, WorkspaceError)
-from agent_core.executor import DockerExecutor, build_spec
+                               JournalError, ServerRejected, ServerUnavailable, TaskGone, UploadRefused,
+                               WorkspaceError)
+from agent_core.executor import DockerExecutor, Owner, build_spec
+from agent_core.janitor import Janitor
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.protocol import Completion
 
@@ -53,17 +55,6 @@ def cancel_outcome(reason: CancelReason, timeout_secs: int) -> tuple[str, str]:
     return "failed", "agent shutting down"
 
 
-def tail_text(path: Path, max_bytes: int) -> str:
-    """The last `max_bytes` of a log file as text ('' when there is none)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - max_bytes))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
 class Abandoned(Exception):
     """The agent is exiting now: leave the task to the journal and the next start."""
 
@@ -76,10 +67,13 @@ class Deps:
     client: Client
     executor: DockerExecutor
     journal: Journal
-    service_id: str
+    owner: Owner  # whose containers this agent may touch
+    janitor: Janitor
     engine_down: Callable[[], None]  # tells the scheduler to stop taking tasks
     engine_wait: Callable[[], bool]  # blocks until the engine answers again; False when exiting
     changed: Callable[[], None]      # live status needs rewriting
+    launch_result: Callable[[AgentError | None], None]  # each launch's outcome, for the breaker
+    journal_failed: Callable[[AgentError], None]        # a journal write failed (a full disk)
 
 
 class TaskRunner:
@@ -89,11 +83,16 @@ class TaskRunner:
         self.task_id = record.task_id
         self.phase = "accepted"
         self.started = time.time()
+        self.stage_since = self.started
+        self._progress: dict[str, int] = {}  # bytes and files moved, for status
+        self._downloading: Path | None = None  # the input file being written now
         self._on_done = on_done
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # the record is journaled from the task thread and by cancel()
         self._cancelled = threading.Event()
         self._resumed = record.stage >= Stage.LAUNCHED  # a container from before a restart
+        self._refused: list[str] = []  # outputs the server will never take (not journaled: a
+        # restart uploads them again and is refused again)
         # a cancel journaled by an earlier run still holds: the new run finishes it
         self._cancel_reason: CancelReason | None = (
             CancelReason(record.cancel_reason) if record.cancel_reason else None)
@@ -146,15 +145,39 @@ class TaskRunner:
     # --- the stages --------------------------------------------------------------
 
     def _save(self, stage: Stage | None = None) -> None:
+        """Journal the record. A failed write (a full disk) costs the crash safety of this step,
+        not the task: it goes on in memory and is still reported; the scheduler stops intake."""
         with self._save_lock:
             if stage is not None:
                 self.record.stage = stage
-            self.deps.journal.save(self.record)
+            try:
+                self.deps.journal.save(self.record)
+            except JournalError as e:
+                self.log.error("task %s: %s (going on without it)", self.task_id, e)
+                self.deps.journal_failed(e)
         self.deps.changed()
 
     def _phase(self, name: str) -> None:
-        self.phase = name
+        self.phase, self.stage_since = name, time.time()
         self.deps.changed()
+
+    @property
+    def transferring(self) -> bool:
+        return self.phase in ("downloading", "uploading")
+
+    def live(self) -> dict:
+        """This task for the status file: timestamps, not ages (`status` computes those)."""
+        progress = dict(self._progress)
+        current = self._downloading
+        if current is not None:
+            try:
+                progress["down_bytes"] = progress.get("down_done", 0) + os.lstat(current).st_size
+            except OSError:
+                pass
+        progress.pop("down_done", None)
+        return {"id": self.task_id, "stage": self.phase, "started_at": self.started,
+                "stage_since": self.stage_since, "container": (self.record.container_id or "")[:12] or None,
+                "progress": progress}
 
     def _run(self) -> None:
         logs.current_task.set(self.task_id)  # every line this thread logs names the task
@@ -195,30 +218,41 @@ class TaskRunner:
     def _stage_inputs(self) -> None:
         self._phase("downloading")
         cfg, task, ws = self.deps.cfg, self.record.task, self.workspace
-        wsmod.check_free_disk(cfg.paths.data_dir, cfg.paths.min_free_disk_mb)
+        declared = sum(max(0, f.size_bytes) for f in task.input_files)
+        wsmod.check_free_disk(cfg.paths.data_dir, cfg.paths.min_free_disk_mb, declared)
         if ws.exists():  # a crash during an earlier attempt: start the staging again
-            wsmod.remove_workspace(ws.root)
+            self.deps.janitor.dispose(ws.root)
         ws.create()
+        self._progress = {"down_done": 0, "down_bytes": 0, "down_total": declared}
         local_paths = []
-        for index, f in enumerate(task.input_files, start=1):
-            if self._cancelled.is_set():
-                return
-            if f.size_bytes > cfg.limits.max_input_bytes:
-                raise WorkspaceError(
-                    f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
-            rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
-            self._download(f.id, path)
-            local_paths.append(rel)
+        try:
+            for index, f in enumerate(task.input_files, start=1):
+                if self._cancelled.is_set():
+                    return
+                if f.size_bytes > cfg.limits.max_input_bytes:
+                    raise WorkspaceError(
+                        f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
+                rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
+                self._downloading = path
+                try:
+                    size = self._download(f.id, path)
+                finally:
+                    self._downloading = None
+                self._progress["down_done"] += size
+                self._progress["down_bytes"] = self._progress["down_done"]
+                local_paths.append(rel)
+        except WorkspaceError:
+            self.deps.janitor.dispose(ws.input_dir)  # a partial input must not keep the disk full
+            raise
         ws.write_task_json(task, local_paths)
         self._save(Stage.STAGED)
 
-    def _download(self, file_id: str, path: Path) -> None:
+    def _download(self, file_id: str, path: Path) -> int:
         """One input file, retried while the server is unavailable: an outage must not fail the task."""
         backoff = Backoff(DOWNLOAD_BACKOFF_SECS, DOWNLOAD_BACKOFF_CAP_SECS)
         while True:
             try:
-                self.deps.client.download(file_id, path, self.deps.cfg.limits.max_input_bytes)
-                return
+                return self.deps.client.download(file_id, path, self.deps.cfg.limits.max_input_bytes)
             except ServerUnavailable as e:
                 self._check_exiting()
                 if self._cancelled.is_set():
@@ -233,14 +267,19 @@ class TaskRunner:
             return
         self._phase("starting")
         deps = self.deps
-        spec = build_spec(deps.cfg, task_id=self.task_id, workspace=self.workspace.root,
-                          service_id=deps.service_id)
-        container_id = self._docker(lambda: deps.executor.create(spec))
-        with self._lock:
-            self.record.container_id = container_id
-            self.record.launched_at = time.time()
-        self._save(Stage.LAUNCHED)
-        self._docker(lambda: deps.executor.start(container_id))
+        try:
+            spec = build_spec(deps.cfg, task_id=self.task_id, workspace=self.workspace.root, owner=deps.owner)
+            container_id = self._docker(lambda: deps.executor.create(spec, deps.owner))
+            with self._lock:
+                self.record.container_id = container_id
+                self.record.launched_at = time.time()
+            self._save(Stage.LAUNCHED)
+            self._docker(lambda: deps.executor.start(container_id))
+        except AgentError as e:
+            deps.launch_result(e)
+            raise
+        deps.launch_result(None)
+        self.log.info("task %s: container %s started (image %s)", self.task_id, container_id[:12], spec.image)
         if self._cancelled.is_set():  # a cancel that came between create and start
             self._stop_container(container_id)
 
@@ -260,6 +299,8 @@ class TaskRunner:
             found = deps.executor.inspect(rec.container_id)
             if found is None:
                 raise ContainerVanished(f"container {rec.container_id[:12]} vanished")
+            if not found.owned_by(deps.owner, self.task_id):  # never wait on, or report, another's
+                raise ContainerVanished(f"container {rec.container_id[:12]} is no longer this agent's")
             if found.status == "created":  # we crashed between create and start
                 deps.executor.start(rec.container_id)
         timeout = deps.cfg.executor.timeout_secs
@@ -276,11 +317,15 @@ class TaskRunner:
         finally:
             if timer:
                 timer.cancel()
-        deps.executor.save_logs(rec.container_id, self.workspace.stdout_log, self.workspace.stderr_log,
-                                deps.cfg.limits.log_max_bytes)
+        ws = self.workspace
+        deps.executor.save_logs(rec.container_id, lambda: ws.create_log(wsmod.STDOUT_LOG),
+                                lambda: ws.create_log(wsmod.STDERR_LOG), deps.cfg.limits.log_max_bytes)
         with self._lock:
             rec.exit_code, rec.oom_killed = exit_.code, exit_.oom_killed
             rec.cancel_reason = self._cancel_reason.value if self._cancel_reason else None
+        ran = time.time() - (rec.launched_at or time.time())
+        self.log.info("task %s: container exited with code %d after %.1f s%s", self.task_id, exit_.code, ran,
+                      " (killed: out of memory)" if exit_.oom_killed else "")
         self._save(Stage.EXITED)
         self._remove_container()
 
@@ -319,8 +364,8 @@ class TaskRunner:
             return "failed", rec.error
         if rec.exit_code == 0:
             return "completed", None
-        detail = (tail_text(self.workspace.stderr_log, ERROR_MESSAGE_CHARS).strip()
-                  or tail_text(self.workspace.stdout_log, ERROR_MESSAGE_CHARS).strip())
+        detail = (wsmod.read_tail(self.workspace.stderr_log, ERROR_MESSAGE_CHARS).strip()
+                  or wsmod.read_tail(self.workspace.stdout_log, ERROR_MESSAGE_CHARS).strip())
         message = f"exit code {rec.exit_code}"
         if rec.oom_killed:
             message += f" (out of memory: executor.memory_limit = {cfg.executor.memory_limit})"
@@ -336,9 +381,12 @@ class TaskRunner:
         uploaded: list[str] = []
         if ws.exists():
             self._phase("uploading")
+            began = time.monotonic()
             scan = wsmod.scan_outputs(ws.root, self.deps.cfg.limits)
             summary = scan.summary()
             skipped, skipped_count = list(summary["skipped"]), summary["skipped_count"]
+            self._progress = {"up_files": 0, "up_files_total": len(scan.files), "up_bytes": 0,
+                              "up_bytes_total": scan.total_bytes}
             for out in scan.files:
                 if out.rel not in rec.uploads:
                     reason = self._upload(out)
@@ -347,7 +395,15 @@ class TaskRunner:
                         skipped_count += 1
                         continue
                 uploaded.append(out.rel)
-        output: dict = {"files": uploaded, "stdout": tail_text(ws.stdout_log, STDOUT_IN_OUTPUT)}
+                self._progress["up_files"] += 1
+                self._progress["up_bytes"] += out.size
+            self.log.info("task %s: uploaded %d files (%d bytes), skipped %d, in %.1f s", self.task_id,
+                          len(uploaded), self._progress["up_bytes"], skipped_count, time.monotonic() - began)
+        if self._refused and status != "cancelled":
+            lost = "output files refused by the server: " + "; ".join(self._refused)
+            message = (f"{message}; {lost}" if status == "failed" and message else lost)[:ERROR_MESSAGE_CHARS]
+            status = "failed"
+        output: dict = {"files": uploaded, "stdout": wsmod.read_tail(ws.stdout_log, STDOUT_IN_OUTPUT)}
         if skipped:
             output["skipped"] = skipped
             output["skipped_count"] = skipped_count
@@ -363,6 +419,9 @@ class TaskRunner:
                                              lambda: wsmod.open_output(out.path, out.size))
         except WorkspaceError as e:  # swapped for a link or a FIFO after the scan, unreadable, ...
             return str(e)
+        except UploadRefused as e:  # the user loses this file: the task must not say "completed"
+            self._refused.append(f"{out.rel} ({out.size} bytes): {e}")
+            return f"refused by the server: {e}"
         except ServerRejected as e:
             return f"refused by the server: {e}"
         except ServerUnavailable:
@@ -370,7 +429,12 @@ class TaskRunner:
             raise
         with self._save_lock:
             self.record.uploads[out.rel] = result.file_id
-        self._save()
+        try:
+            self.deps.journal.add_upload(self.task_id, out.rel, result.file_id)
+        except JournalError as e:
+            self.log.error("task %s: %s (going on without it)", self.task_id, e)
+            self.deps.journal_failed(e)
+        self.deps.changed()
         return None
 
     def _report(self) -> None:
@@ -388,7 +452,10 @@ class TaskRunner:
             self._check_exiting()
             raise
         self.record.stage = Stage.REPORTED
-        self.deps.journal.remove(self.task_id)
+        try:
+            self.deps.journal.remove(self.task_id)
+        except JournalError as e:  # the next start finds it REPORTED-less: it reports once more, harmlessly
+            self.log.error("task %s: %s", self.task_id, e)
 
     def _complete(self, completion: Completion) -> None:
         """`complete`; if the server requeued the task meanwhile (400: it is pending again), take it
@@ -412,7 +479,5 @@ class TaskRunner:
         status = self.record.completion.status if self.record.completion else "failed"
         if keep == "all" or (keep == "failed" and status != "completed"):
             return
-        try:
-            wsmod.remove_workspace(self.workspace.root)
-        except AgentError as e:
-            self.log.warning("task %s: %s", self.task_id, e)
+        self.deps.janitor.dispose(self.workspace.root)
+        self.deps.janitor.dispose(self.workspace.meta)

@@ -20,13 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-from agent_core import process
+from agent_core import preflight, process
 from agent_core import workspace as wsmod
 from agent_core.client import Backoff, Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, AuthRejected, DiskFull, DockerUnavailable, ServerError,
-                               TaskGone, UnsafePath)
-from agent_core.executor import DockerExecutor
+                               ServerUnavailable, TaskGone, UnsafePath)
+from agent_core.executor import DockerExecutor, Owner
+from agent_core.janitor import Janitor
 from agent_core.journal import Journal, TaskRecord
 from agent_core.protocol import Completion, Heartbeat, Task
 from agent_core.runner import CancelReason, Deps, TaskRunner
@@ -35,7 +36,14 @@ log = logging.getLogger(__name__)
 
 RUNNING, DRAINING, CANCELLING, EXITING = range(4)
 STATUS_EVERY_SECS = 0.5
+TRANSFER_STATUS_SECS = 0.5    # extra wait between status rewrites while bytes move
+LAUNCH_FAILURES_TO_PAUSE = 3  # of one kind in a row (image, network, user): then intake pauses
+RECHECK_SECS = 10.0           # how often a paused agent checks whether the cause is gone
 STATE_NAMES = ("running", "draining", "cancelling", "exiting")
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
 class ExitNow(SystemExit):
@@ -43,12 +51,15 @@ class ExitNow(SystemExit):
 
 
 class _Throttled:
-    """Log a repeating problem once per `every` seconds, not once per loop."""
+    """Log a repeating problem once per `every` seconds, not once per loop, and remember the
+    last one of each kind (with its time) for `status`."""
 
     def __init__(self, every: float = 60.0):
         self.every, self._last = every, {}
+        self.errors: dict[str, dict] = {}  # kind -> {"at": epoch, "message": str}
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self.errors[key] = {"at": time.time(), "message": msg % args}
         now = time.monotonic()
         if now - self._last.get(key, -self.every) >= self.every:
             self._last[key] = now
@@ -66,11 +77,17 @@ class Scheduler:
         self.burst = burst  # leave once the queue is empty and nothing runs (tests, benchmarks)
         self.capacity = cfg.executor.capacity
         self.service_id = client.service_id or ""
+        self.owner = Owner.of(self.service_id, cfg.paths.data_dir)
         self.journal = Journal(cfg.paths.data_dir)
+        # root removes whatever a container left; anyone else needs a root container for that
+        purge = None if os.geteuid() == 0 else (
+            lambda entry: executor.purge(cfg.executor.image, entry, self.owner))
+        self.janitor = Janitor(cfg.paths.data_dir, purge)
         self.exit_code = 0
         self.step = RUNNING
         self.last_poll: float | None = None
         self.last_heartbeat: float | None = None
+        self.stop_requested_at: float | None = None
         self.started = time.time()
         self._runners: dict[str, TaskRunner] = {}
         self._side_jobs: set[str] = set()  # task ids with a report under way outside a runner
@@ -84,9 +101,14 @@ class Scheduler:
         self._engine_ok = threading.Event()
         self._engine_ok.set()
         self._quiet = _Throttled()
+        self._launch_failures: dict[str, int] = {}
+        self._paused: tuple[preflight.Problem, float] | None = None  # the breaker, and since when
+        self._disk_low: str | None = None
+        self._server_down: tuple[float, str] | None = None  # since when, and why
         self._deps = Deps(cfg=cfg, client=client, executor=executor, journal=self.journal,
-                          service_id=self.service_id, engine_down=self._engine_down,
-                          engine_wait=self._engine_wait, changed=self._status_dirty.set)
+                          owner=self.owner, janitor=self.janitor, engine_down=self._engine_down,
+                          engine_wait=self._engine_wait, changed=self._status_dirty.set,
+                          launch_result=self._launch_result, journal_failed=self._journal_failed)
 
     # --- public verbs ----------------------------------------------------------
 
@@ -116,6 +138,7 @@ class Scheduler:
     def request_stop(self) -> None:
         """One more step down the ladder (signal handlers call this)."""
         self.step = min(self.step + 1, EXITING)
+        self.stop_requested_at = self.stop_requested_at or time.time()
         self._stopping.set()
         log.info("stop requested: %s", STATE_NAMES[self.step])
         self._wakeup.set()
@@ -159,6 +182,7 @@ class Scheduler:
             except ServerError as e:
                 if self.step != RUNNING:
                     return
+                self._server_trouble(e)
                 self._quiet.warning("poll", "poll failed (retrying with backoff): %s", e)
                 self._sleep(backoff.next())
                 continue
@@ -166,6 +190,8 @@ class Scheduler:
                 log.info("poll works again")
             backoff.reset()
             self.last_poll = time.time()
+            self._server_down = None
+            self._status_dirty.set()  # `last poll` in status is as fresh as the poll
             again = False
             if result.cancel_task_id is not None:
                 self._on_cancel(result.cancel_task_id)
@@ -173,6 +199,10 @@ class Scheduler:
                 again = self._on_offer(result.task)
             elif result.malformed is not None:
                 self._refuse(result.malformed[0], f"malformed task refused: {result.malformed[1]}")
+            elif result.ignored is not None:
+                # no id we could accept or report: nothing to do but poll on (another poll may
+                # offer other work; cancels still come first)
+                self._quiet.warning("ignored", "poll offered a task that cannot be taken: %s", result.ignored)
             elif self.burst and self.load == 0 and not self._side_jobs:
                 log.info("queue empty and nothing running: leaving (burst mode)")
                 return
@@ -221,14 +251,58 @@ class Scheduler:
         return self.load < self.capacity
 
     def _can_take_work(self) -> bool:
-        if not self._engine_ok.is_set():
+        if not self._engine_ok.is_set() or self._paused is not None:
             return False
         try:
             wsmod.check_free_disk(self.cfg.paths.data_dir, self.cfg.paths.min_free_disk_mb)
         except DiskFull as e:
+            self._disk_low = f"paused: disk low ({e})"
             self._quiet.warning("disk", "not taking tasks: %s", e)
             return False
+        if self._disk_low:
+            log.info("disk space is back: taking tasks again")
+            self._disk_low = None
         return True
+
+    # --- the circuit breaker -------------------------------------------------------
+
+    def _launch_result(self, error: AgentError | None) -> None:
+        """Each launch's outcome; a few failures of one executor kind in a row pause intake."""
+        kind = preflight.kind_of(error) if error is not None else None
+        with self._lock:
+            if kind is None:
+                if error is None:
+                    self._launch_failures.clear()
+                return
+            count = self._launch_failures.get(kind, 0) + 1
+            self._launch_failures = {kind: count}
+            if count < LAUNCH_FAILURES_TO_PAUSE or self._paused is not None:
+                return
+            self._paused = (preflight.Problem(kind, str(error), "see `agent-core doctor`"), time.time())
+        problem = preflight.check(self.cfg, self.executor) or self._paused[0]
+        self._paused = (problem, self._paused[1])
+        self._quiet.warning("launch", "%s", problem.message)
+        log.error("not taking tasks after %d launch failures in a row: %s (checking again every %.0f s)",
+                  count, problem.line(), RECHECK_SECS)
+        self._status_dirty.set()
+        threading.Thread(target=self._recheck, name="breaker", daemon=True).start()
+
+    def _recheck(self) -> None:
+        while not self.client.abort.wait(RECHECK_SECS):
+            if preflight.check(self.cfg, self.executor) is None:
+                with self._lock:
+                    self._paused = None
+                    self._launch_failures.clear()
+                log.info("the executor works again: taking tasks")
+                self._status_dirty.set()
+                self._wakeup.set()
+                return
+
+    def _journal_failed(self, error: AgentError) -> None:
+        """A journal write failed (a full disk, mostly): take no work until the disk has room."""
+        self._quiet.warning("journal", "%s: taking no new tasks until the disk has room", error)
+        self._disk_low = f"paused: the journal cannot be written ({error})"
+        self._status_dirty.set()
 
     def _on_cancel(self, task_id: str) -> None:
         with self._lock:
@@ -309,6 +383,12 @@ class Scheduler:
         self.client.heartbeat(Heartbeat(status=status, current_load=load, capacity=self.capacity))
         self.last_heartbeat = time.time()
 
+    def _server_trouble(self, error: ServerError) -> None:
+        if not isinstance(error, ServerUnavailable):
+            return
+        since = self._server_down[0] if self._server_down else time.time()
+        self._server_down = (since, str(error))
+
     def _heartbeat_loop(self) -> None:
         interval = self.cfg.agent.heartbeat_interval_secs
         wait = 0.0
@@ -316,9 +396,12 @@ class Scheduler:
             try:
                 self._heartbeat()
                 wait = interval
+                if self._quiet.clear("heartbeat"):
+                    log.info("heartbeats work again")
             except ServerError as e:
+                self._server_trouble(e)
                 ago = f"{time.time() - self.last_heartbeat:.0f} s ago" if self.last_heartbeat else "never"
-                log.warning("heartbeat failed (last success %s): %s", ago, e)
+                self._quiet.warning("heartbeat", "heartbeat failed (last success %s): %s", ago, e)
                 wait = min(5.0, interval)
             self._status_dirty.set()
 
@@ -332,22 +415,42 @@ class Scheduler:
             self._status_dirty.clear()
             self.write_status()
             self._hb_stop.wait(STATUS_EVERY_SECS)
+            with self._lock:
+                moving = any(r.transferring for r in self._runners.values())
+            if moving:  # progress changes without an event: keep it fresh
+                self._hb_stop.wait(TRANSFER_STATUS_SECS)
+                self._status_dirty.set()
+
+    def reason(self) -> str | None:
+        """Why the agent is not simply serving, in one line; None when it is."""
+        if self._paused is not None:
+            problem, since = self._paused
+            return f"paused since {_clock(since)}: {problem.line()}"
+        if not self._engine_ok.is_set():
+            return "paused: engine unreachable"
+        if self._disk_low:
+            return self._disk_low
+        if self._server_down is not None:
+            since, why = self._server_down
+            return f"server unreachable since {_clock(since)}: {why}"
+        return None
 
     def write_status(self) -> None:
-        now = time.time()
         with self._lock:
-            tasks = [{"id": r.task_id, "stage": r.phase, "age_secs": round(now - r.started, 1),
-                      "container": (r.record.container_id or "")[:12] or None}
-                     for r in self._runners.values()]
+            tasks = [r.live() for r in self._runners.values()]
         process.write_status(self.cfg.paths.data_dir, {
             "pid": os.getpid(),
             "state": STATE_NAMES[self.step],
+            "reason": self.reason(),
+            "name": self.cfg.agent.name,
             "started_at": self.started,
+            "stop_requested_at": self.stop_requested_at,
             "service_id": self.service_id,
             "capacity": self.capacity,
             "engine_ok": self._engine_ok.is_set(),
             "last_poll": self.last_poll,
             "last_heartbeat": self.last_heartbeat,
+            "errors": dict(self._quiet.errors),
             "tasks": tasks,
             "requests": self.client.budget.snapshot(),
         })
@@ -371,16 +474,33 @@ class Scheduler:
             runner.start()
         with self._lock:
             known = set(self._runners)
-        for found in self.executor.managed(self.service_id):
-            if found.task_id not in known:
-                log.warning("removing leftover container %s of task %s", found.name, found.task_id,
-                            extra={"task_id": found.task_id})
-                self.executor.remove(found.id)
-        if self.cfg.paths.keep_workspaces == "none":
-            root = Path(self.cfg.paths.data_dir) / "workspaces"
-            for entry in (root.iterdir() if root.is_dir() else ()):
-                if entry.name not in known:
-                    wsmod.remove_workspace(entry)
+        try:
+            for found in self.executor.managed(self.owner):  # ours only: every label checked
+                if found.task_id not in known:
+                    log.warning("removing leftover container %s of task %s", found.name, found.task_id,
+                                extra={"task_id": found.task_id})
+                    self.executor.remove(found.id)
+        except AgentError as e:  # leftovers must never stop the agent; the next start tries again
+            log.error("cannot sweep leftover containers: %s", e)
+        self._sweep_folders(known)
+
+    def _sweep_folders(self, known: set[str]) -> None:
+        """Task folders nobody owns any more, unless finished ones are kept for debugging."""
+        data_dir = Path(self.cfg.paths.data_dir)
+        if self.cfg.paths.keep_workspaces != "none":
+            self.janitor.sweep()
+            return
+        for folder in (wsmod.WORKSPACES_DIR, wsmod.TASKS_DIR):
+            try:
+                entries = [e for e in (data_dir / folder).iterdir() if e.name not in known]
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.error("cannot read %s: %s", data_dir / folder, e)
+                continue
+            for entry in entries:
+                self.janitor.dispose(entry)
+        self.janitor.sweep()
 
     def _shutdown(self) -> None:
         grace = self.cfg.agent.shutdown_grace_secs

@@ -3,16 +3,21 @@
 Pure filesystem logic (no HTTP, no Docker). The layout is the executor contract of
 protocol.md §5:
 
-    <data_dir>/workspaces/<task_id>/      bind-mounted at /workspace
+    <data_dir>/workspaces/<task_id>/      bind-mounted at /workspace: the container's to write
         task.json                         what the task is (never an output)
         input/NN-<safe name>              downloaded inputs (never outputs)
         output/                           empty and writable by any uid
-        .agent-core/stdout.log, ...       our own files; hidden, so never outputs
+    <data_dir>/tasks/<task_id>/           the agent's own files for the task (0700, never mounted)
+        stdout.log, stderr.log            the container's logs, capped
 
-Everything a container leaves behind is hostile: `scan_outputs` reads metadata only
-and never follows a symlink, `open_output` re-checks a file when it is opened for
-upload, and `remove_workspace` never follows a link while deleting. Only names that
-were sanitised (`safe_name`) or checked (`check_task_id`) are joined into paths.
+The rule for every path here: once a container has run, everything under its workspace is
+hostile (it runs as root inside and can plant links, FIFOs and devices at any name). So the
+agent writes nothing there after launch; its own files live in `tasks/`, which no container
+sees, and are still created O_NOFOLLOW|O_CREAT|O_EXCL through a directory fd (`create_private`)
+and read O_NOFOLLOW|O_NONBLOCK with an S_ISREG check (`read_tail`). In the workspace,
+`scan_outputs` reads metadata only and never follows a symlink, `open_output` re-checks a file
+when it is opened for upload, and `remove_workspace` never follows a link while deleting. Only
+names that were sanitised (`safe_name`) or checked (`check_task_id`) are joined into paths.
 """
 
 from __future__ import annotations
@@ -37,12 +42,15 @@ from agent_core.fsutil import write_atomic
 from agent_core.protocol import Task
 
 WORKSPACES_DIR = "workspaces"
+TASKS_DIR = "tasks"
 TASK_JSON = "task.json"
 INPUT_DIR = "input"
 OUTPUT_DIR = "output"
-META_DIR = ".agent-core"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+WORKSPACE_MOUNT = "/workspace"  # where the container sees the workspace
 
-# A task id becomes a directory name and part of a container name (`agent-core-<id>`);
+# A task id becomes a directory name and part of a container name (`agent-core-<owner>-<id>`);
 # Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]+ there, and a leading alphanumeric rules out "." and "..".
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _NAME_PUNCT = frozenset("._-+ ()[]@,=")
@@ -131,19 +139,24 @@ def _mkdir(path: Path, mode: int, *, force_mode: bool) -> None:
 
 @dataclass(frozen=True)
 class Workspace:
-    """One task's directory; build it with `Workspace.for_task`."""
+    """One task's directories; build it with `Workspace.for_task`."""
 
-    root: Path
+    root: Path  # the container's workspace
+    meta: Path  # the agent's own files for the task
 
     @classmethod
     def for_task(cls, data_dir: Path | str, task_id: str) -> Workspace:
-        base = (Path(data_dir) / WORKSPACES_DIR).resolve()
-        root = (base / check_task_id(task_id)).resolve()
-        # resolve() follows a symlink planted at the task's path: the result must still sit
-        # directly under <data_dir>/workspaces.
-        if root.parent != base or root.name != task_id:
-            raise UnsafePath(f"workspace for task {_shorten(task_id)} would be outside {base}")
-        return cls(root)
+        check_task_id(task_id)
+        dirs = []
+        for folder in (WORKSPACES_DIR, TASKS_DIR):
+            base = (Path(data_dir) / folder).resolve()
+            path = (base / task_id).resolve()
+            # resolve() follows a symlink planted at the task's path: the result must still sit
+            # directly under its folder.
+            if path.parent != base or path.name != task_id:
+                raise UnsafePath(f"{folder} entry for task {_shorten(task_id)} would be outside {base}")
+            dirs.append(path)
+        return cls(*dirs)
 
     @property
     def task_id(self) -> str:
@@ -158,20 +171,16 @@ class Workspace:
         return self.root / OUTPUT_DIR
 
     @property
-    def meta_dir(self) -> Path:
-        return self.root / META_DIR
-
-    @property
     def task_json(self) -> Path:
         return self.root / TASK_JSON
 
     @property
     def stdout_log(self) -> Path:
-        return self.meta_dir / "stdout.log"
+        return self.meta / STDOUT_LOG
 
     @property
     def stderr_log(self) -> Path:
-        return self.meta_dir / "stderr.log"
+        return self.meta / STDERR_LOG
 
     def exists(self) -> bool:
         try:
@@ -187,6 +196,7 @@ class Workspace:
         above it are never traversed from inside. The container may run as any uid, though
         (executor.user, or the image's USER), so the task root and input/ are 0755 (readable)
         and output/ is 0777 (writable). Modes are set explicitly, so the umask does not matter.
+        The agent's own folder for the task (tasks/<id>) is 0700 and never mounted.
         """
         try:
             self.root.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -194,7 +204,8 @@ class Workspace:
             _mkdir(self.root, 0o755, force_mode=True)
             _mkdir(self.input_dir, 0o755, force_mode=True)
             _mkdir(self.output_dir, 0o777, force_mode=True)
-            _mkdir(self.meta_dir, 0o700, force_mode=True)
+            _mkdir(self.meta.parent, 0o700, force_mode=False)
+            _mkdir(self.meta, 0o700, force_mode=True)
         except OSError as e:
             raise _os_error(f"cannot create workspace {self.root}", e) from None
 
@@ -241,6 +252,45 @@ class Workspace:
             write_atomic(self.task_json, text + "\n", mode=0o644)
         except OSError as e:
             raise _os_error(f"cannot write {self.task_json}", e) from None
+
+
+    def create_log(self, name: str) -> BinaryIO:
+        """A new, empty file of the agent's own in tasks/<id> (STDOUT_LOG, STDERR_LOG)."""
+        return create_private(self.meta, name)
+
+
+def create_private(directory: Path, name: str) -> BinaryIO:
+    """Create `directory/name` afresh, 0600, never through a link: whatever sat at the name (an
+    older copy, or anything planted) is unlinked first, then O_CREAT|O_EXCL|O_NOFOLLOW through a
+    directory fd opened O_NOFOLLOW, so neither the folder nor the file can be redirected."""
+    if name != safe_name(name) or name.startswith("."):
+        raise ValueError(f"not a plain file name: {name!r}")
+    try:
+        dir_fd = os.open(directory, _O_NOFOLLOW_DIR)
+        try:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise _os_error(f"cannot create {directory / name}", e) from None
+    return os.fdopen(fd, "w+b")
+
+
+def read_tail(path: Path, max_bytes: int) -> str:
+    """The last `max_bytes` of a file as text; '' when it is missing, not a regular file (a link,
+    a FIFO: never followed, never waited on) or unreadable."""
+    try:
+        with open_output(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - max_bytes))
+            return f.read(max_bytes).decode("utf-8", errors="replace")
+    except (WorkspaceError, OSError):
+        return ""
 
 
 # --- scanning outputs ----------------------------------------------------
@@ -417,7 +467,7 @@ def scan_outputs(root: Path, limits: LimitsConfig) -> ScanResult:
     files: list[OutputFile] = []
     total = 0
     for f in sorted(walker.found, key=lambda f: f.rel):
-        if f.size > limits.max_output_file_bytes:
+        if limits.max_output_file_bytes and f.size > limits.max_output_file_bytes:
             walker.skip(f.rel, f"{f.size} bytes: over the per-file limit of {limits.max_output_file_bytes}")
         elif len(files) >= limits.max_output_files:
             walker.skip(f.rel, f"over the limit of {limits.max_output_files} output files")
@@ -572,9 +622,13 @@ def free_disk_mb(path: Path | str) -> int:
         raise _os_error(f"cannot read free disk space at {path}", e) from None
 
 
-def check_free_disk(path: Path | str, min_free_mb: int) -> int:
-    """Free MiB at `path`; `DiskFull` if below `min_free_mb` (paths.min_free_disk_mb)."""
+def check_free_disk(path: Path | str, min_free_mb: int, inputs_bytes: int = 0) -> int:
+    """Free MiB at `path`; `DiskFull` if below `min_free_mb` (paths.min_free_disk_mb) plus what a
+    task's inputs declare they need."""
     free = free_disk_mb(path)
-    if free < min_free_mb:
-        raise DiskFull(f"only {free} MiB free at {path}; paths.min_free_disk_mb asks for {min_free_mb} MiB")
+    inputs_mb = -(-inputs_bytes // (1024 * 1024))
+    if free < min_free_mb + inputs_mb:
+        needs = f"the task's inputs need {inputs_mb} MiB and " if inputs_bytes else ""
+        raise DiskFull(f"only {free} MiB free at {path}; {needs}paths.min_free_disk_mb asks for "
+                       f"{min_free_mb} MiB")
     return free

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing it
 from agent_core import config as configmod  # noqa: E402
 from agent_core.devclient import DevClient  # noqa: E402
 from agent_core.devserver import Call, DevServer  # noqa: E402
-from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, build_spec, create_kwargs  # noqa: E402
+from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, Owner, build_spec, create_kwargs  # noqa: E402
 from agent_core.fsutil import write_atomic  # noqa: E402
 
 IMAGE = "agent-core-test/busybox:latest"
@@ -351,7 +351,7 @@ class BareDocker:
             self.count += 1
             task_id = f"bench-{self.bench.run_id}-{self.tag}-{self.count}"
         spec = build_spec(self.cfg, task_id=task_id, workspace=self.workspace,
-                          service_id=self.bench.bare_service)
+                          owner=Owner(self.bench.bare_service, "bench"))
         kwargs = create_kwargs(spec)
         # Test sessions running beside us sweep every "managed" container created during their
         # tests; without the label they leave ours alone. It changes nothing Docker does.

@@ -2,7 +2,7 @@
 """Run the in-repo OpenAaaS dev server until SIGINT/SIGTERM.
 
     python scripts/dev_server.py --port 8080 [--data-dir D] [--rate-limit 150]
-                                 [--heartbeat-timeout 60] [--admin-key K]
+                                 [--heartbeat-timeout 60] [--request-timeout 30] [--admin-key K]
 
 Prints two lines on stdout, then serves quietly:
 
@@ -36,6 +36,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout", type=float, default=60, help="seconds before offline")
     parser.add_argument("--sweep-interval", type=float, default=10, help="seconds between sweeps")
     parser.add_argument("--max-file-bytes", type=int, default=50 * 1024 ** 2)
+    parser.add_argument("--request-timeout", type=float, default=30,
+                        help="seconds an upload may take before a 408, 0 = no limit")
     parser.add_argument("--admin-key", default=None, help="default: random")
     return parser.parse_args(argv)
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     server = DevServer(host=args.host, port=args.port, data_dir=args.data_dir, admin_key=args.admin_key,
                        rate_limit_per_minute=args.rate_limit, rate_window_secs=args.rate_window,
                        heartbeat_timeout_secs=args.heartbeat_timeout, sweep_interval_secs=args.sweep_interval,
-                       max_file_bytes=args.max_file_bytes)
+                       max_file_bytes=args.max_file_bytes, request_timeout_secs=args.request_timeout)
     try:
         server.start()
     except OSError as exc:

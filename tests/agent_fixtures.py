@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -45,11 +46,17 @@ class Agent:
         self.log_path = root / "agent-run.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *args: str) -> subprocess.Popen:
+    def start(self, *args: str, user: str | None = None, python: str = sys.executable,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`run` in the background; `user` runs it as that user, in the docker group."""
         log = open(self.log_path, "ab")
+        as_user: dict[str, Any] = {}
+        if user is not None:
+            as_user = {"user": user, "group": user, "extra_groups": ["docker"],
+                       "env": {**os.environ, "HOME": str(self.root), **(env or {})}}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent_core", "--config", str(self.config_path), "run", "--log-level",
-             "debug", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [python, "-m", "agent_core", "--config", str(self.config_path), "run", "--log-level",
+             "debug", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **as_user)
         log.close()
         return self.proc
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,6 +244,22 @@ def test_status_unregistered(tmp_path):
     for shown in (str(path), str(tmp_path / "data"), "http://127.0.0.1:1", "poll every 2.5 s", "not running"):
         assert shown in out
     assert "registered  no" in out
+    assert "name        agent-core" in out  # the reference's default name
+
+
+def test_status_shows_the_agent_name(tmp_path):
+    path = registered_config(tmp_path, **{"agent.name": "node-7"})
+    assert "name        node-7" in agent_cli("status", config_path=path, check=True).stdout.splitlines()
+    assert json.loads(agent_cli("status", "--json", config_path=path, check=True).stdout)["name"] == "node-7"
+
+
+@pytest.mark.parametrize("reader", ["head -c1", "true"])  # `true` has left before the first write
+def test_status_into_a_closed_pipe_ends_without_a_traceback(tmp_path, reader):
+    path = registered_config(tmp_path)
+    cmd = f"{shlex.quote(sys.executable)} -m agent_core --config {shlex.quote(str(path))} status | {reader}"
+    proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and len(proc.stdout) == (1 if reader.startswith("head") else 0)
+    assert proc.stderr == ""
 
 
 def test_status_registered_shows_everything_but_the_api_key(tmp_path):
@@ -276,11 +295,13 @@ def test_run_with_the_docker_engine_unreachable_is_one_line_exit_1(tmp_path, mon
     assert API_KEY not in proc.stdout + proc.stderr
 
 
-def test_run_unregistered_is_a_usage_error(tmp_path):
-    path = make_config(tmp_path)
+def test_run_unregistered_is_a_usage_error(tmp_path, dev_server):
+    # stdin is not a terminal here: nothing is asked, the line names the command to run
+    path = make_config(tmp_path, base_url=dev_server.url)
     proc = agent_cli("run", config_path=path)
     assert proc.returncode == 2
-    assert "register" in one_line(proc.stderr)
+    assert "agent-core register --token <TOKEN>" in one_line(proc.stderr)
+    assert dev_server.calls == []
 
 
 def test_run_with_a_missing_mount_host_path_is_a_config_error(tmp_path):

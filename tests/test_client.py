@@ -17,16 +17,18 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, NamedTuple
+from urllib.parse import unquote
 
 import pytest
 
 from agent_core import config
-from agent_core.client import Client
+from agent_core.client import Client, path_segment
 from agent_core.devclient import DevClient
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
                                WorkspaceError)
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration
-from tests.helpers import sha256_file
+from tests.helpers import sha256_file, wait_until
+from tests.hostile_proxy import body_reply, hostile_proxy, huge_json, poll_offer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -545,6 +547,192 @@ def test_use_system_proxy(dev_server, service, tmp_path, monkeypatch, use_system
             assert statuses(dev_server, "/poll") == [200]
 
 
+# --------------------------------------------------------------------------- ids in URL paths
+
+
+@pytest.mark.parametrize("value, segment", [
+    ("../../../../../health", "..%2F..%2F..%2F..%2F..%2Fhealth"),
+    ("x?y=1#frag", "x%3Fy%3D1%23frag"),
+    ("..", "%2E%2E"),
+    (".", "%2E"),
+    ("a/b", "a%2Fb"),
+    ("a%2Fb", "a%252Fb"),
+    ("%2e%2e", "%252e%252e"),
+    ("a\\b", "a%5Cb"),
+    ("new\nline", "new%0Aline"),
+    ("a b", "a%20b"),
+    ("é", "%C3%A9"),
+    ("...", "..."),  # not a dot segment: nothing folds it
+    ("report.v2", "report.v2"),
+    ("4f9c2a3e-8d1b-4c55-9a57-0b6f0e2d7c11", "4f9c2a3e-8d1b-4c55-9a57-0b6f0e2d7c11"),
+])
+def test_every_id_is_exactly_one_path_segment(value, segment):
+    assert path_segment(value) == segment
+    assert unquote(segment) == value
+
+
+def test_an_empty_id_is_refused_before_any_request(client, dev_server, tmp_path):
+    with pytest.raises(ProtocolViolation, match="empty id"):
+        client.download("", tmp_path / "x", max_bytes=MiB)
+    assert dev_server.calls_to("/download") == []
+
+
+HOSTILE_FILE_IDS = ["../../../../../health", "x?y=1#frag", "..", ".", "a%2Fb", "a/b", "%2e%2e"]
+
+
+def test_hostile_file_ids_reach_the_server_intact_as_one_segment(client, dev_server, service, tmp_path):
+    # Given input files stored under ids made to leave the download route
+    files = {file_id: f"content of {file_id}".encode() for file_id in HOSTILE_FILE_IDS}
+    dev_server.faults.offer_raw_task(service.id, {"id": "t", "input_files": [
+        {"id": i, "filename": "f", "size_bytes": 1} for i in HOSTILE_FILE_IDS]}, files=files)
+    # When each is downloaded, Then each arrives whole: the server read back exactly that id
+    for n, file_id in enumerate(HOSTILE_FILE_IDS):
+        dest = tmp_path / f"in-{n}"
+        client.download(file_id, dest, max_bytes=MiB)
+        assert dest.read_bytes() == files[file_id]
+    # and every request went to the download route, the id as one segment
+    assert [c.path for c in dev_server.calls_to("/download")] == [
+        f"/api/v1/files/agent/{service.id}/files/{path_segment(i)}/download" for i in HOSTILE_FILE_IDS]
+
+
+def test_a_hostile_service_id_stays_one_segment(hostile_proxy, tmp_path):
+    with Client(hostile_proxy.url, service_id="../../health", api_key="ak_agent_x") as client:
+        with pytest.raises(AuthRejected):
+            client.poll(0, 1)
+        with pytest.raises(AuthRejected):
+            client.download("..", tmp_path / "x", max_bytes=MiB)
+    assert hostile_proxy.paths == ["/api/v1/agent/..%2F..%2Fhealth/poll",
+                                   "/api/v1/files/agent/..%2F..%2Fhealth/files/%2E%2E/download"]
+
+
+# --------------------------------------------------------------------------- replies of any size
+
+CAP = MiB
+HUGE = 1024 * MiB  # never sent whole: the client hangs up on it
+# what the proxy may hand to its socket before it notices the hang-up: the cap plus loopback buffers
+HUNG_UP_EARLY = 64 * MiB
+
+
+@pytest.fixture
+def proxied(hostile_proxy, service) -> Iterator[Client]:
+    """A client with a 1 MiB reply cap, talking to dev_server through the hostile proxy."""
+    with Client(hostile_proxy.url, service_id=service.id, api_key=service.api_key, max_reply_bytes=CAP) as c:
+        yield c
+
+
+def sent_of_replaced(proxy) -> list[int]:
+    """Body bytes the proxy sent for each replaced reply, once each has ended."""
+    return [s.sent for s in wait_until(lambda: proxy.served, 30, "the replaced reply to end")]
+
+
+def test_max_reply_bytes_comes_from_the_config(tmp_path):
+    path = config.init(tmp_path / "config.toml", base_url="http://127.0.0.1:9")
+    config.update(path, {"limits.max_reply_bytes": "2m"})
+    with Client.from_config(config.load(path), registered=False) as client:
+        assert client.max_reply_bytes == 2 * MiB
+    with Client("http://127.0.0.1:9") as client:
+        assert client.max_reply_bytes == 16 * MiB
+
+
+def test_a_reply_at_the_cap_is_read_and_one_byte_more_is_refused(proxied, hostile_proxy):
+    hostile_proxy.replace_next(1, "/poll", huge_json(CAP))
+    assert proxied.poll(0, 1) == PollResult()
+    hostile_proxy.replace_next(1, "/poll", huge_json(CAP + 1))
+    with pytest.raises(ProtocolViolation) as err:
+        proxied.poll(0, 1)
+    assert str(err.value) == f"poll: reply larger than limits.max_reply_bytes ({CAP} bytes)"
+
+
+@pytest.mark.parametrize("call", ["poll", "heartbeat"])
+def test_a_huge_reply_is_refused_at_the_cap_and_not_retried(proxied, hostile_proxy, call):
+    hostile_proxy.replace_next(1, f"/{call}", huge_json(HUGE))
+    with pytest.raises(ProtocolViolation, match="limits.max_reply_bytes"):
+        proxied.poll(0, 1) if call == "poll" else proxied.heartbeat(Heartbeat("online", 0, 1))
+    (sent,) = sent_of_replaced(hostile_proxy)
+    assert sent < HUNG_UP_EARLY  # the client stopped reading and closed the connection
+    assert len(hostile_proxy.paths) == 1
+    assert proxied.poll(0, 1) == PollResult()  # and the next call works, on a new connection
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(hostile_proxy, service):
+    # a cap above what loopback buffers hold: had the body been read up to the cap, the proxy would show it
+    with Client(hostile_proxy.url, service_id=service.id, api_key=service.api_key,
+                max_reply_bytes=4 * HUNG_UP_EARLY) as client:
+        hostile_proxy.replace_next(1, "/poll", huge_json(HUGE, declare_length=True))
+        with pytest.raises(ProtocolViolation, match="limits.max_reply_bytes"):
+            client.poll(0, 1)
+    (sent,) = sent_of_replaced(hostile_proxy)
+    assert sent < HUNG_UP_EARLY
+
+
+@pytest.mark.parametrize("endpoint", ["/register", "/accept", "/upload", "/complete"])
+def test_huge_replies_to_retried_calls_are_refused_then_retried(proxied, hostile_proxy, dev_client, service,
+                                                               tmp_path, endpoint):
+    task = dev_client.submit_task(service.id, "x")
+    if endpoint != "/accept":
+        assert proxied.accept(task["id"]) is True
+    hostile_proxy.replace_next(1, endpoint, huge_json(HUGE))
+    if endpoint == "/register":
+        token = dev_client.create_service("again")["registration_token"]
+        with Client(hostile_proxy.url, max_reply_bytes=CAP) as anonymous:
+            assert anonymous.register(token, 1).api_key
+    elif endpoint == "/accept":
+        assert proxied.accept(task["id"]) is True
+    elif endpoint == "/upload":
+        (tmp_path / "out.txt").write_bytes(b"out")
+        assert proxied.upload(task["id"], "output/out.txt", lambda: open(tmp_path / "out.txt", "rb")).file_id
+    else:
+        proxied.complete(Completion(task["id"], "completed"))
+        assert dev_client.get_task(task["id"])["status"] == "completed"
+    (sent,) = sent_of_replaced(hostile_proxy)
+    assert sent < HUNG_UP_EARLY
+    assert len([p for p in hostile_proxy.paths if p.endswith(endpoint)]) == 2
+
+
+@pytest.mark.parametrize("call, status, error", [("heartbeat", 500, ServerUnavailable),
+                                                 ("heartbeat", 422, ServerRejected),
+                                                 ("download", 404, ServerRejected)])
+def test_huge_error_bodies_are_read_a_few_kib_at_most(proxied, hostile_proxy, tmp_path, call, status, error):
+    hostile_proxy.replace_next(1, f"/{call}" if call == "heartbeat" else "/download",
+                               huge_json(HUGE, status=status, headers={"Content-Type": "text/plain"}))
+    with pytest.raises(error) as err:
+        if call == "heartbeat":
+            proxied.heartbeat(Heartbeat("online", 0, 1))
+        else:
+            proxied.download("f", tmp_path / "f", max_bytes=MiB)
+    assert err.value.status == status and len(str(err.value)) < 300
+    assert '{"has_task":false,"pad":"xxx' in str(err.value)
+    (sent,) = sent_of_replaced(hostile_proxy)
+    assert sent < HUNG_UP_EARLY
+
+
+def test_json_nested_to_exhaust_the_parser_is_not_json_to_us(proxied, hostile_proxy):
+    hostile_proxy.replace_next(1, "/poll", body_reply(b"[" * 100_000))
+    with pytest.raises(ProtocolViolation, match="not JSON"):
+        proxied.poll(0, 1)
+    hostile_proxy.replace_next(1, "/heartbeat", body_reply(b"[" * 100_000, status=422))
+    with pytest.raises(ServerRejected) as err:
+        proxied.heartbeat(Heartbeat("online", 0, 1))
+    assert err.value.status == 422
+
+
+@pytest.mark.parametrize("value", ["soon", "Mon, 99 Foo 2024 25:61:00 GMT", "1e999x"])
+def test_an_unreadable_retry_after_is_no_hint(proxied, hostile_proxy, value):
+    hostile_proxy.replace_next(1, "/poll", body_reply(b"{}", status=503, headers={"Retry-After": value}))
+    with pytest.raises(ServerUnavailable) as err:
+        proxied.poll(0, 1)
+    assert err.value.status == 503 and err.value.retry_after is None
+
+
+def test_a_poll_offering_a_numeric_task_id_is_ignored_and_polling_goes_on(proxied, hostile_proxy, dev_client,
+                                                                         service):
+    task = dev_client.submit_task(service.id, "real")
+    hostile_proxy.replace_next(1, "/poll", poll_offer({"id": 12345, "task_prompt": "p"}))
+    assert proxied.poll(0, 1) == PollResult(ignored="task id is a number, not a string: skipped")
+    offered = proxied.poll(0, 1).task
+    assert offered is not None and offered.id == task["id"]
+
+
 # --------------------------------------------------------------------------- secrets
 
 
@@ -582,7 +770,7 @@ def test_secrets_never_appear_in_errors_or_logs(dev_server, dev_client, tmp_path
         up = client.upload(task["id"], "out.txt", lambda: open(tmp_path / "out.txt", "rb"))
         client.heartbeat(Heartbeat("online", 1, 2))
         expect_error(lambda: client.heartbeat(Heartbeat("online", 5, 2)))
-        dev_server.faults.fail_next(1, status=429, path_contains="/heartbeat")
+        dev_server.faults.fail_next(1, status=429, retry_after=1, path_contains="/heartbeat")
         expect_error(lambda: client.heartbeat(Heartbeat("online", 1, 2)))
         client.complete(Completion(task["id"], "completed", file_ids=(up.file_id,)))
         expect_error(lambda: client.complete(Completion(task["id"], "completed")))

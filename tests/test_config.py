@@ -41,7 +41,8 @@ def test_defaults_load_and_match_the_dataclasses(tmp_path):
     ("[server]\npoll_interval_secs = 0", "server.poll_interval_secs"),
     ("[executor]\nexecutor_type = \"ruby\"", "executor.executor_type"),
     ("[executor]\nmemory_limit = \"lots\"", "executor.memory_limit"),
-    ("[executor]\nexecutor_type = \"custom\"", "executor.custom_entrypoint"),
+    ("[executor]\ncustom_entrypoint = [\"/bin/sh\", 1]", "executor.custom_entrypoint"),
+    ("[executor]\ncustom_entrypoint = 5", "executor.custom_entrypoint"),
     ("[executor]\ncustom_args = \"--a --b\"", "executor.custom_args"),
     ("[executor]\nworking_dir = \"work\"", "executor.working_dir"),
     ("[agent]\nheartbeat_interval_secs = 30", "agent.heartbeat_interval_secs"),
@@ -82,11 +83,11 @@ readonly = false
                                 config.Mount(tmp_path / "rel", "/rel", False))
 
 
-def test_unknown_keys_are_warned_about_and_kept(tmp_path, caplog):
+def test_unknown_keys_are_warned_about_and_kept(tmp_path):
     path = write(tmp_path, "[server]\nbase_url = \"http://h\"\nshiny = 1\n[extra]\na = 1\n")
     cfg = config.load(path)
     assert set(cfg.unknown_keys) == {"server.shiny", "extra"}
-    assert "server.shiny" in caplog.text
+    assert any("`server.shiny`" in line for line in config.warnings(cfg))
     config.update(path, {"agent.service_id": "s1"})
     text = path.read_text()
     assert "shiny = 1" in text and "[extra]" in text
@@ -128,3 +129,209 @@ def test_init_refuses_to_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="--force"):
         config.init(path)
     config.init(path, force=True)
+
+
+# --------------------------------------------------------------------------- the reference agent's files
+
+# The reference agent's README example, as operators have it (comments and all).
+REFERENCE_README = """\
+[server]
+base_url = "http://127.0.0.1:8080"  # Server 地址
+poll_interval_secs = 5               # 轮询间隔（秒）
+use_system_proxy = false             # 是否使用系统代理
+
+[agent]
+service_id = "svc-xxx"               # 注册后自动填充
+api_key = "ak_xxx"                   # 注册后自动填充
+name = "agent-core"                  # Agent 名称
+
+[executor]
+executor_type = "standard"           # 执行器类型：standard / bash / python / custom
+image = "open-aaas-executor:latest"  # Docker 镜像
+capacity = 2                         # 并发任务数
+timeout_minutes = 0                  # 任务超时（分钟），0 表示不限制
+# memory_limit = "4g"                # 内存限制（可选）
+working_dir = "/workspace"           # 容器内工作目录
+# script_path = "/workspace/run.sh"  # 脚本路径（bash/python 类型用）
+custom_entrypoint = ["/bin/sh"]      # 自定义 ENTRYPOINT（custom 类型）
+custom_args = ["-c", "echo hi"]      # 自定义参数（custom 类型）
+
+[paths]
+data_dir = "./data"                  # 数据目录
+
+[[paths.mounts]]
+host = "./share/kimi-config"         # 宿主机路径（相对或绝对）
+container = "/shared/kimi-config"    # 容器内路径
+readonly = true                      # 是否只读
+"""
+
+# What the reference writes itself at first start (its runtime template), with a custom executor.
+REFERENCE_RUNTIME = """\
+# OpenAaaS Agent Core 配置文件
+# 首次运行时自动生成，注册后 [agent] 节会自动填充 service_id 和 api_key
+
+[server]
+# Server 地址
+base_url = "http://127.0.0.1:8080"
+# 轮询间隔（秒）
+poll_interval_secs = 5
+# 是否使用系统代理
+use_system_proxy = false
+
+[agent]
+# 服务 ID（注册后自动填充）
+# service_id = "svc-xxx"
+# API Key（注册后自动填充）
+# api_key = "ak_xxx"
+# Agent 名称
+name = "agent-core"
+
+[executor]
+# 执行器类型：standard / bash / python / custom
+executor_type = "custom"
+# Docker 镜像
+image = "custom-executor:latest"
+# 并发任务数
+capacity = 4
+# 任务超时时间（分钟），0 表示不限制
+timeout_minutes = 60
+# 内存限制
+memory_limit = "2g"
+# 是否允许任务容器访问宿主机服务（可选，true = 注入 host.docker.internal 指向宿主机）
+# enable_host_access = false
+# 工作目录（容器内）
+working_dir = "/workspace"
+# 自定义 ENTRYPOINT（仅 custom 类型使用）
+custom_entrypoint = ["/bin/sh", "-c"]
+# 自定义命令参数（仅 custom 类型使用）
+custom_args = ["echo", "hello"]
+
+[paths]
+# 数据目录
+data_dir = "./data"
+mounts = []
+"""
+
+
+def test_the_reference_readme_config_loads_unchanged_and_means_the_same(tmp_path):
+    cfg = config.load(write(tmp_path, REFERENCE_README))
+    assert cfg.unknown_keys == ()
+    assert cfg.server == config.ServerConfig(base_url="http://127.0.0.1:8080", poll_interval_secs=5,
+                                             use_system_proxy=False)
+    assert (cfg.agent.service_id, cfg.agent.api_key, cfg.agent.name) == ("svc-xxx", "ak_xxx", "agent-core")
+    ex = cfg.executor
+    assert (ex.executor_type, ex.image, ex.capacity, ex.timeout_minutes, ex.memory_limit, ex.working_dir,
+            ex.script_path) == ("standard", "open-aaas-executor:latest", 2, 0, None, "/workspace", None)
+    assert ex.custom_entrypoint == ("/bin/sh",) and ex.custom_args == ("-c", "echo hi")
+    assert cfg.paths.data_dir == tmp_path / "data"
+    assert cfg.paths.mounts == (config.Mount(tmp_path / "share" / "kimi-config", "/shared/kimi-config", True),)
+
+
+def test_the_reference_runtime_config_loads_unchanged_and_means_the_same(tmp_path):
+    cfg = config.load(write(tmp_path, REFERENCE_RUNTIME))
+    assert cfg.unknown_keys == () and not cfg.agent.registered and cfg.agent.name == "agent-core"
+    ex = cfg.executor
+    assert (ex.executor_type, ex.image, ex.capacity, ex.timeout_secs, ex.memory_bytes) == (
+        "custom", "custom-executor:latest", 4, 3600, 2 * 1024**3)
+    assert ex.custom_entrypoint == ("/bin/sh", "-c") and ex.custom_args == ("echo", "hello")
+    assert cfg.paths.mounts == ()
+
+
+@pytest.mark.parametrize("text, name", [
+    ("[agent]\nname = \"\"", "agent-core"), ("", "agent-core"), ("[agent]\nname = \"n-1\"", "n-1"),
+])
+def test_agent_name_defaults_to_agent_core_as_the_reference(tmp_path, text, name):
+    assert config.load(write(tmp_path, text)).agent.name == name
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('"/usr/bin/run me"', ("/usr/bin/run me",)),  # a lone string: older agent-core configs
+    ('""', ()), ("[]", ()), ('["/bin/sh", "-c"]', ("/bin/sh", "-c")),
+])
+def test_custom_entrypoint_is_a_list_or_one_string(tmp_path, value, expected):
+    cfg = config.load(write(tmp_path, f'[executor]\nexecutor_type = "custom"\ncustom_entrypoint = {value}\n'))
+    assert cfg.executor.custom_entrypoint == expected
+
+
+@pytest.mark.parametrize("text", [REFERENCE_README, REFERENCE_RUNTIME])
+def test_register_keeps_the_chinese_comments(tmp_path, text):
+    path = write(tmp_path, text)
+    config.update(path, {"agent.service_id": "svc-new", "agent.api_key": "ak_agent_" + "1" * 32})
+    after = path.read_text(encoding="utf-8")
+    comments = ["#" + line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+    assert len(comments) > 10 and [c for c in comments if c not in after] == []
+    cfg = config.load(path)
+    assert cfg.agent.registered and cfg.agent.service_id == "svc-new"
+    assert cfg.executor.custom_entrypoint in (("/bin/sh",), ("/bin/sh", "-c"))
+
+
+def test_init_with_changes_writes_once_and_validates_first(tmp_path):
+    path = tmp_path / "config.toml"
+    with pytest.raises(ConfigError, match="executor.capacity"):
+        config.init(path, changes={"executor.capacity": 0})
+    assert not path.exists()
+    config.init(path, base_url="http://127.0.0.1:8080", changes={"executor.capacity": 3})
+    cfg = config.load(path)
+    assert cfg.executor.capacity == 3 and cfg.server.base_url == "http://127.0.0.1:8080"
+    assert path.read_text().count("#") > 20
+
+
+@pytest.mark.parametrize("key, guess", [
+    ("executor.capasity", "executor.capacity"), ("agent.shutdown_grace", "agent.shutdown_grace_secs"),
+    ("executr", "executor"), ("capacity", "executor.capacity"), ("executor.gpu.devics", "executor.gpu.devices"),
+    ("zzz.qqq", None),
+])
+def test_an_unknown_key_names_the_closest_known_one(key, guess):
+    assert config.closest_key(key) == guess
+
+
+def test_warnings_are_one_plain_line_per_unknown_key_and_for_a_readable_file(tmp_path):
+    path = write(tmp_path, "[executor]\ncapasity = 3\n")
+    path.chmod(0o600)
+    (line,) = config.warnings(config.load(path))
+    assert line == f"{path}: unknown key `executor.capasity` is ignored: did you mean `executor.capacity`?"
+    path.chmod(0o644)
+    lines = config.warnings(config.load(path))
+    assert len(lines) == 2 and lines[1].endswith(f"chmod 600 {path}") and "0644" in lines[1]
+
+
+def test_logging_rotation_keys(tmp_path):
+    assert config.load(write(tmp_path, "")).logging == config.LoggingConfig(max_bytes=10 * 1024**2, backups=3)
+    cfg = config.load(write(tmp_path, "[logging]\nmax_bytes = 0\nbackups = 1\n"))
+    assert (cfg.logging.max_bytes, cfg.logging.backups) == (0, 1)
+    with pytest.raises(ConfigError, match="logging.backups"):
+        config.load(write(tmp_path, "[logging]\nbackups = -1\n"))
+
+
+def test_writes_through_a_symlinked_config_update_its_target(tmp_path):
+    target = tmp_path / "real" / "config.toml"
+    config.init(target, base_url="http://127.0.0.1:9")
+    link = tmp_path / "config.toml"
+    link.symlink_to(target)
+    config.update(link, {"agent.service_id": "s1"})
+    assert link.is_symlink() and config.load(target).agent.service_id == "s1"
+    config.init(link, force=True, say=lambda _line: None)
+    assert link.is_symlink() and config.load(target).agent.service_id is None
+    assert [p.name for p in target.parent.glob("config.toml.bak-*")]
+
+
+def test_init_force_keeps_a_private_backup_and_says_where(tmp_path):
+    path = tmp_path / "config.toml"
+    config.init(path, base_url="http://127.0.0.1:9")
+    config.update(path, {"agent.api_key": "ak_" + "1" * 32})
+    old = path.read_text()
+    said: list[str] = []
+    config.init(path, force=True, say=said.append)
+    (saved,) = tmp_path.glob("config.toml.bak-*")
+    assert saved.read_text() == old and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert said == [f"kept the old file as {saved} (mode 0600)"]
+    assert config.load(path).agent.api_key is None
+
+
+def test_a_failed_init_writes_nothing_and_the_corrected_retry_works(tmp_path):
+    path = tmp_path / "sub" / "config.toml"
+    with pytest.raises(ConfigError, match="scheme"):
+        config.init(path, base_url="ftp://x")
+    assert not (tmp_path / "sub").exists()
+    config.init(path, base_url="http://127.0.0.1:9")
+    assert config.load(path).server.base_url == "http://127.0.0.1:9"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
+import http.client
 import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +41,41 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary")
         disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
         out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def start_upload(server: DevServer, agent: Agent, task_id: str, file_size: int) -> tuple[socket.socket, bytes]:
+    """Send an upload's head and its parts up to the file's data, over a raw socket.
+
+    The Content-Length announces `file_size` bytes of data; returns the socket and the
+    body's tail to send after the data.
+    """
+    boundary = "b0undary"
+    parts = (f'--{boundary}\r\nContent-Disposition: form-data; name="task_id"\r\n\r\n{task_id}\r\n'
+             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="out.bin"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /api/v1/files/agent/{agent.sid}/files/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"X-Service-ID: {agent.sid}\r\nX-API-Key: {agent.key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(parts) + file_size + len(tail)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(head + parts)
+    return sock, tail
+
+
+def read_answer(sock: socket.socket) -> http.client.HTTPResponse:
+    """The HTTP answer on a raw socket, body read."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    resp.body = resp.read()
+    return resp
+
+
+def is_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 class Agent:
@@ -146,13 +185,19 @@ def test_auth_rules(dev_server, dev_client, agent):
     assert status(**{"X-API-Key": "ak_agent_wrong"}) == 401
     other = dev_client.create_service("other")
     assert status(f"{dev_server.url}/api/v1/agent/{other['id']}/poll", **{"X-API-Key": key}) == 403
-    unregistered = httpx.post(poll, json={}, headers={"X-Service-ID": other["id"], "X-API-Key": key})
-    assert unregistered.status_code == 500                               # exists, never registered
     assert httpx.get(f"{dev_server.url}/api/v1/client/tasks/x").status_code == 401  # admin routes too
 
     dev_client.delete_service(agent.sid)
     deleted = agent.call("poll", {})
     assert deleted.status_code == 401 and deleted.json()["error"] == "Auth"
+
+
+def test_a_service_that_never_registered_gets_401(dev_server, dev_client, agent):
+    # observed: 401 like any bad key (older servers answered 500)
+    never = dev_client.create_service("never registered")
+    resp = httpx.post(f"{dev_server.url}/api/v1/agent/{never['id']}/poll", json={},
+                      headers={"X-Service-ID": never["id"], "X-API-Key": agent.key})
+    assert resp.status_code == 401 and resp.json()["error"] == "Auth"
 
 
 # --------------------------------------------------------------------------- task flow
@@ -298,6 +343,112 @@ def test_chunked_upload_is_accepted(dev_client, agent):
     assert stored["size_bytes"] == len(data)
 
 
+def test_early_answers_come_before_the_body_and_close_the_connection(make_dev_server, new_agent):
+    # observed: an over-size file and a 429 are answered while the client still sends, then closed
+    server = make_dev_server(max_file_bytes=64 * 1024, rate_limit_per_minute=3)
+    with DevClient(server.url, server.admin_key) as client:
+        agent = new_agent(server, client)
+        task = client.submit_task(agent.sid, "p")
+
+        sock, _ = start_upload(server, agent, task["id"], 64 * MiB)
+        with sock:
+            sent = 0
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # what a client sees sending on
+                while sent < 8 * MiB:  # in pieces, far short of the 64 MiB announced
+                    sock.sendall(b"x" * 16 * 1024)
+                    sent += 16 * 1024
+            assert sent < 8 * MiB  # cut off: the server did not read on
+            too_large = read_answer(sock)
+            assert too_large.status == 400 and "limit" in json.loads(too_large.body)["message"]
+            assert too_large.getheader("Connection") == "close" and is_closed(sock)
+
+        while agent.call("poll", {}).status_code != 429:
+            pass
+        sock, _ = start_upload(server, agent, task["id"], 64 * MiB)
+        with sock:  # nothing of the file sent at all
+            limited = read_answer(sock)
+            assert limited.status == 429 and limited.getheader("Retry-After") == "60"
+            assert is_closed(sock)
+
+        assert [c.status for c in server.calls_to("/upload")] == [400, 429]
+        assert client.health() == {"status": "healthy"}      # the server carries on
+        assert list((server.data_dir / "files").iterdir()) == []
+    assert server.errors == []
+
+
+def test_request_timeout_cuts_off_a_slow_upload_with_an_empty_408(make_dev_server, new_agent):
+    server = make_dev_server(request_timeout_secs=1)
+    with DevClient(server.url, server.admin_key) as client:
+        agent = new_agent(server, client)
+        task = client.submit_task(agent.sid, "p")
+        server.faults.slow_upload_next(1, bytes_per_sec=20_000)
+
+        started = time.monotonic()
+        cut = agent.upload(task["id"], "slow.bin", b"x" * 100_000)  # 5 s at that pace
+        took = time.monotonic() - started
+        assert cut.status_code == 408 and cut.content == b"" and "content-type" not in cut.headers
+        assert cut.headers["connection"] == "close" and 1 <= took < 4.5
+
+        assert agent.upload(task["id"], "quick.bin", b"x").status_code == 200  # only one was slowed
+        assert [f["filename"] for f in client.list_files(task["id"])] == ["quick.bin"]
+        assert [c.status for c in server.calls_to("/upload")] == [408, 200]
+    assert server.errors == []
+
+
+def test_request_timeout_does_not_cut_off_downloads(make_dev_server, new_agent):
+    server = make_dev_server(request_timeout_secs=1)
+    data = os.urandom(16 * MiB)  # more than the socket buffers hold: the server waits on the reader
+    with DevClient(server.url, server.admin_key) as client:
+        agent = new_agent(server, client)
+        client.submit_task(agent.sid, "p", files=[("in.bin", data)])
+        (input_file,) = agent.poll()["task"]["input_files"]
+        with agent.http.stream("GET", agent.download_path(input_file["id"]),
+                               headers={"Accept-Encoding": "identity"}) as resp:
+            assert resp.status_code == 200
+            time.sleep(1.5)
+            received = b"".join(resp.iter_bytes())
+    assert received == data
+
+
+def test_downloads_are_chunked_and_gzipped_whatever_the_file_type(dev_server, dev_client, agent):
+    picture = b"\x89PNG\r\n\x1a\n" + os.urandom(3000) + b"\0" * 100_000
+    dev_client.submit_task(agent.sid, "p", files=[("picture.png", picture)])
+    (input_file,) = agent.poll()["task"]["input_files"]
+    conn = http.client.HTTPConnection("127.0.0.1", dev_server.port, timeout=10)
+    try:
+        for accept, gzipped in (("deflate, gzip;q=0.5", True), ("identity", False), ("gzip;q=0", False)):
+            conn.request("GET", agent.download_path(input_file["id"]), headers={
+                "X-Service-ID": agent.sid, "X-API-Key": agent.key, "Accept-Encoding": accept})
+            resp = conn.getresponse()
+            raw = resp.read()  # http.client undoes the chunking, not the gzip
+            assert resp.status == 200 and resp.getheader("Content-Type") == "image/png"
+            assert resp.getheader("Transfer-Encoding") == "chunked" and resp.getheader("Content-Length") is None
+            assert resp.getheader("Content-Encoding") == ("gzip" if gzipped else None)
+            assert (gzip.decompress(raw) if gzipped else raw) == picture
+            assert len(raw) < len(picture) if gzipped else True
+    finally:
+        conn.close()
+    decoded = agent.http.get(agent.download_path(input_file["id"]))  # httpx asks for gzip by default
+    assert decoded.headers["content-encoding"] == "gzip" and decoded.content == picture
+
+
+def test_overlapping_uploads_to_one_task_fail(dev_server, dev_client, agent):
+    # observed: each upload first empties the task's temporary folder, so a running one loses its file
+    task = dev_client.submit_task(agent.sid, "p")
+    sock, tail = start_upload(dev_server, agent, task["id"], 1000)
+    with sock:
+        sock.sendall(b"a" * 500)
+        wait_until(lambda: dev_server.stats["uploads"] == 1, what="the first upload to be under way")
+        assert agent.upload(task["id"], "second.txt", b"b").status_code == 200
+        sock.sendall(b"a" * 500 + tail)
+        first = read_answer(sock)
+    assert first.status == 500 and json.loads(first.body)["error"] == "Internal"
+    assert [f["filename"] for f in dev_client.list_files(task["id"])] == ["second.txt"]
+    assert len(list((dev_server.data_dir / "files").iterdir())) == 1  # the loser left nothing behind
+    assert agent.upload(task["id"], "third.txt", b"c").status_code == 200  # one after the other is fine
+    assert dev_server.errors == []
+
+
 @pytest.mark.timeout(120)
 def test_200_mib_round_trip_is_streamed(make_dev_server, new_agent, tmp_path):
     server = make_dev_server(max_file_bytes=256 * MiB)
@@ -333,6 +484,27 @@ def test_200_mib_round_trip_is_streamed(make_dev_server, new_agent, tmp_path):
 
 
 # --------------------------------------------------------------------------- sweeper, rate limit, restart
+
+
+def test_a_refused_heartbeat_still_keeps_the_agent_alive(make_dev_server, new_agent):
+    server = make_dev_server(heartbeat_timeout_secs=1, sweep_interval_secs=0.1)
+    with DevClient(server.url, server.admin_key) as client:
+        agent = new_agent(server, client)  # registered with capacity 2
+        wait_until(lambda: server.get_service(agent.sid)["status"] == "offline", timeout=5,
+                   what="the silent agent to be marked offline")
+        silent_since = server.get_service(agent.sid)["last_heartbeat_at"]
+
+        assert agent.heartbeat(capacity=0).status_code == 400
+        svc = server.get_service(agent.sid)
+        assert svc["status"] == "online" and svc["last_heartbeat_at"] != silent_since  # observed
+        assert svc["capacity"] == 2                                                    # nothing else stored
+
+        # observed: without a capacity the load is stored, unchecked against the stored capacity
+        lone = agent.call("heartbeat", {"status": "busy", "current_load": 5})
+        assert lone.status_code == 200 and lone.json()["acknowledged"] is True
+        svc = server.get_service(agent.sid)
+        assert (svc["status"], svc["current_load"], svc["capacity"]) == ("busy", 5, 2)
+        assert agent.call("heartbeat", {"status": "busy", "current_load": -1}).status_code == 400
 
 
 def test_sweeper_requeues_then_fails_and_spares_the_living(make_dev_server, new_agent):
@@ -374,7 +546,7 @@ def test_rate_limit_counts_every_request_per_key(make_dev_server, new_agent):
         statuses = [agent.call("poll", {}).status_code for _ in range(5)]
         limited = agent.heartbeat()
         assert statuses == [200] * 5
-        assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "60"  # whatever the window
         assert other.call("poll", {}).status_code == 200          # a separate budget per key
 
         # counted before auth: a wrong key fills its own window with 401s, then gets 429
@@ -384,9 +556,29 @@ def test_rate_limit_counts_every_request_per_key(make_dev_server, new_agent):
         assert wrong == [401] * 5 + [429]
         assert server.stats["429"] == 2 and server.stats["rate_limited"] == 2
 
-        # a sliding window: once the hits age out, requests pass again (every try counts, so try slowly)
-        wait_until(lambda: agent.call("poll", {}).status_code == 200, timeout=5, step=0.3,
+        # a sliding window: once the hits age out, requests pass again
+        wait_until(lambda: agent.call("poll", {}).status_code == 200, timeout=5, step=0.1,
                    what="the window to slide")
+
+
+def test_rate_limit_slides_per_request_and_refusals_do_not_extend_it(make_dev_server, new_agent):
+    server = make_dev_server(rate_limit_per_minute=2, rate_window_secs=2)
+    with DevClient(server.url, server.admin_key) as client:
+        agent = new_agent(server, client)
+        first = time.monotonic()
+        assert agent.call("poll", {}).status_code == 200
+        time.sleep(1)
+        assert agent.call("poll", {}).status_code == 200
+
+        refusals: list[str] = []  # hammered all along: were refusals counted, nothing would ever pass again
+        while (resp := agent.call("poll", {})).status_code == 429 and time.monotonic() < first + 10:
+            refusals.append(resp.headers["retry-after"])
+            time.sleep(0.02)
+        let_through = time.monotonic()
+
+        assert resp.status_code == 200 and let_through >= first + 2  # the first hit aged out...
+        assert agent.call("poll", {}).status_code == 429             # ...the second is still in the window
+        assert len(refusals) > 10 and set(refusals) == {"60"}
 
 
 def test_restart_on_the_same_port_keeps_state(dev_server, dev_client, agent):

@@ -35,12 +35,40 @@ def test_healthy_setup_passes(make_agent, docker_engine):
     line(proc.stdout, "ok", f"docker engine reachable ({version})")
     line(proc.stdout, "ok", f"executor image {agent.cfg.executor.image} present")
     line(proc.stdout, "ok", "credentials accepted")
+    line(proc.stdout, "ok", "task network none: tasks reach nothing")  # make_agent's network_mode
     assert agent.cfg.agent.api_key not in proc.stdout + proc.stderr
     # the same as JSON
     data = json.loads(doctor(agent.config_path, "--json").stdout)
     assert data["ok"] is True
-    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "server",
-                                                   "credentials", "disk"]
+    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "task_network",
+                                                   "server", "credentials", "disk"]
+
+
+@pytest.mark.docker
+def test_bridge_network_and_open_metrics_are_warnings(make_agent, docker_engine):
+    # Given the default bridge network and metrics on every address
+    agent = make_agent({"executor.network_mode": "bridge", "metrics.listen": "0.0.0.0:9464"})
+    proc = doctor(agent.config_path)
+    assert proc.returncode == 0, proc.stdout
+    network = line(proc.stdout, "warn", "task network bridge")
+    if docker_engine.networks.list(names=["bridge"]):
+        assert "169.254.169.254" in network and "host services reachable" in network
+        assert 'network_mode = "none"' in network and "DOCKER-USER" in network
+    else:  # dockerd --bridge=none
+        assert "network bridge not found" in network and "not reachable" in network
+    assert "127.0.0.1:9464" in line(proc.stdout, "warn", "metrics.listen = '0.0.0.0:9464' is not a loopback")
+    data = json.loads(doctor(agent.config_path, "--json").stdout)
+    assert {c["name"]: c["status"] for c in data["checks"]}["task_network"] == "warn"
+
+
+@pytest.mark.docker
+def test_missing_network_is_named(make_agent):
+    agent = make_agent({"executor.network_mode": "agent-core-test-no-such-network",
+                        "metrics.listen": "127.0.0.1:9464"})
+    proc = doctor(agent.config_path)
+    assert proc.returncode == 0, proc.stdout
+    line(proc.stdout, "warn", "task network agent-core-test-no-such-network not found")
+    line(proc.stdout, "ok", "is loopback only")
 
 
 @pytest.mark.docker
@@ -51,6 +79,7 @@ def test_stopped_engine_fails_naming_it(make_agent, monkeypatch):
     assert proc.returncode == 1
     assert NO_ENGINE in line(proc.stdout, "FAIL", "docker engine not reachable")
     line(proc.stdout, "skip", "executor image")
+    line(proc.stdout, "skip", "task network not checked")
     line(proc.stdout, "ok", "credentials accepted")  # the rest is still checked
 
 

@@ -19,12 +19,14 @@ import pytest
 from agent_core.config import Config, parse
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError, ImageMissing
 from agent_core.executor import (
+    LABEL_AGENT,
     LABEL_MANAGED,
     LABEL_SERVICE,
     LABEL_TASK,
     ContainerSpec,
     DockerExecutor,
     Exit,
+    Owner,
     build_spec,
     container_name,
 )
@@ -67,7 +69,18 @@ class Harness:
         task_id = task_id or "t-" + uuid.uuid4().hex[:16]
         cfg = config(self.tmp_path, image or self.image, argv=argv, **kw)
         return build_spec(cfg, task_id=task_id, workspace=self.workspace(task_id),
-                          service_id=service_id or self.service_id, extra_labels=self.cleanup.labels)
+                          owner=Owner(service_id or self.service_id, AGENT_ID), extra_labels=self.cleanup.labels)
+
+
+AGENT_ID = "test-agent"
+
+
+def owner_of(spec: ContainerSpec) -> Owner:
+    return Owner(spec.labels[LABEL_SERVICE], spec.labels[LABEL_AGENT])
+
+
+def sinks(out: Path, err: Path):
+    return (lambda: open(out, "w+b")), (lambda: open(err, "w+b"))
 
 
 @pytest.fixture
@@ -76,14 +89,14 @@ def h(tmp_path, docker_cleanup, busybox_image) -> Harness:
 
 
 def run(ex: DockerExecutor, spec: ContainerSpec, cleanup) -> tuple[str, Exit]:
-    cid = cleanup.track(ex.create(spec))
+    cid = cleanup.track(ex.create(spec, owner_of(spec)))
     ex.start(cid)
     return cid, ex.wait(cid)
 
 
 def logs(ex: DockerExecutor, cid: str, tmp_path: Path, max_bytes: int = 1 << 20) -> tuple[bytes, bytes]:
     out, err = tmp_path / f"{cid[:12]}.out", tmp_path / f"{cid[:12]}.err"
-    ex.save_logs(cid, out, err, max_bytes)
+    ex.save_logs(cid, *sinks(out, err), max_bytes)
     return out.read_bytes(), err.read_bytes()
 
 
@@ -114,7 +127,7 @@ def test_unreachable_engine_is_docker_unavailable(tmp_path, monkeypatch):
     with pytest.raises(DockerUnavailable, match=r"^Docker engine not reachable at unix://.*no-engine\.sock: "):
         ex.ping()
     with pytest.raises(DockerUnavailable):
-        ex.managed()
+        ex.managed(Owner("s", "a"))
     ex.close()
     # An injected client that cannot connect (version pinned, so nothing is fetched up front).
     ex = DockerExecutor(docker.DockerClient(base_url=f"unix://{sock}", version="1.41"))
@@ -153,7 +166,7 @@ def test_wait_outlasts_read_timeouts(h, docker_engine, tmp_path):
     """wait() loops over HTTP read timeouts (docker-py #1966/#2964) until the container exits."""
     ex = DockerExecutor(docker_engine, wait_poll_secs=0.5)
     spec = h.spec(["sh", "-c", "sleep 3; exit 7"])
-    cid = h.cleanup.track(ex.create(spec))
+    cid = h.cleanup.track(ex.create(spec, owner_of(spec)))
     ex.start(cid)
     assert ex.wait(cid) == Exit(code=7, oom_killed=False)
     assert ex.inspect(cid).status == "exited"
@@ -162,7 +175,7 @@ def test_wait_outlasts_read_timeouts(h, docker_engine, tmp_path):
 @pytest.mark.timeout(30)
 def test_stop_sleeping_container(h, docker_executor):
     spec = h.spec(["sleep", "60"])  # PID 1 without a SIGTERM handler: stop must fall back to SIGKILL
-    cid = h.cleanup.track(docker_executor.create(spec))
+    cid = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
     docker_executor.start(cid)
     assert docker_executor.inspect(cid).status == "running"
     started = time.monotonic()
@@ -206,7 +219,7 @@ def test_logs_are_capped_and_keep_the_end(h, docker_executor, tmp_path):
     cid, exit_ = run(docker_executor, spec, h.cleanup)
     assert exit_.code == 0
     out, err = tmp_path / "out.log", tmp_path / "err.log"
-    saved = docker_executor.save_logs(cid, out, err, 100_000)
+    saved = docker_executor.save_logs(cid, *sinks(out, err), 100_000)
     assert out.stat().st_size == 100_000 and err.stat().st_size == 100_000
     assert out.read_bytes().endswith(f"{LINE}\nSTDOUT-END\n".encode())
     assert err.read_bytes().endswith(f"{LINE[::-1]}\nSTDERR-END\n".encode())
@@ -225,7 +238,7 @@ def test_engine_log_of_a_flooding_container_is_bounded(h, docker_executor, docke
     files = [p for p in Path(log_path).parent.iterdir() if p.name.startswith(Path(log_path).name)]
     assert 1 <= len(files) <= 3
     assert sum(p.stat().st_size for p in files) <= 3 * 2 * 1024**2 + 64 * 1024
-    saved = docker_executor.save_logs(cid, tmp_path / "o", tmp_path / "e", 1024**2)
+    saved = docker_executor.save_logs(cid, *sinks(tmp_path / "o", tmp_path / "e"), 1024**2)
     assert (tmp_path / "o").stat().st_size == 1024**2
     assert saved.stdout_bytes < 30_000_000  # the rotated-away head is gone
 
@@ -242,7 +255,7 @@ def test_missing_image_is_image_missing(h, docker_executor):
     image = "agent-core-test/never-built:" + uuid.uuid4().hex[:8]
     spec = h.spec(["true"], image=image)
     with pytest.raises(ImageMissing, match="must be built or loaded") as exc:
-        docker_executor.create(spec)
+        docker_executor.create(spec, owner_of(spec))
     assert image in str(exc.value)
     assert docker_executor.inspect(spec.name) is None
 
@@ -252,16 +265,16 @@ def test_missing_image_is_image_missing(h, docker_executor):
 
 def test_conflict_adopts_our_running_container(h, docker_executor):
     spec = h.spec(["sleep", "60"])
-    cid = h.cleanup.track(docker_executor.create(spec))
+    cid = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
     docker_executor.start(cid)
-    assert docker_executor.create(spec) == cid
+    assert docker_executor.create(spec, owner_of(spec)) == cid
     docker_executor.stop(cid, grace=0)
 
 
 def test_conflict_replaces_a_created_container(h, docker_executor):
     spec = h.spec(["true"])
-    first = h.cleanup.track(docker_executor.create(spec))
-    second = h.cleanup.track(docker_executor.create(spec))
+    first = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
+    second = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
     assert second != first
     assert docker_executor.inspect(first) is None
     assert docker_executor.inspect(spec.name).id == second
@@ -270,64 +283,74 @@ def test_conflict_replaces_a_created_container(h, docker_executor):
 def test_conflict_replaces_an_exited_container(h, docker_executor):
     spec = h.spec(["true"])
     first, _ = run(docker_executor, spec, h.cleanup)
-    second = h.cleanup.track(docker_executor.create(spec))
+    second = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
     assert second != first and docker_executor.inspect(first) is None
 
 
-def test_conflict_replaces_a_running_foreign_container(h, docker_executor, docker_engine, busybox_image):
-    """Same name, running, but not labelled as ours: removed, never adopted."""
+@pytest.mark.parametrize("which", ["unlabelled", "another service", "another agent", "another task"])
+def test_a_foreign_container_with_our_name_is_neither_adopted_nor_removed(h, docker_executor, docker_engine,
+                                                                          busybox_image, which):
+    """Same name and running, but some label is not ours: a clear error, and it is left alone."""
     spec = h.spec(["true"])
+    ours = owner_of(spec).labels(spec.task_id)
+    labels = {"unlabelled": {}, "another service": {**ours, LABEL_SERVICE: "svc-other"},
+              "another agent": {**ours, LABEL_AGENT: "agent-other"},
+              "another task": {**ours, LABEL_TASK: "other"}}[which]
     foreign = docker_engine.api.create_container(
-        busybox_image, ["sleep", "60"], name=spec.name, labels=h.cleanup.labels,
+        busybox_image, ["sleep", "60"], name=spec.name, labels={**h.cleanup.labels, **labels},
         host_config=docker_engine.api.create_host_config(network_mode="none"))["Id"]
     h.cleanup.track(foreign)
     docker_engine.api.start(foreign)
-    cid = h.cleanup.track(docker_executor.create(spec))
-    assert cid != foreign
-    assert docker_executor.inspect(foreign) is None
-
-
-def test_conflict_replaces_our_running_container_for_another_task(h, docker_executor, docker_engine,
-                                                                    busybox_image):
-    spec = h.spec(["true"])
-    labels = {**h.cleanup.labels, LABEL_MANAGED: "true", LABEL_SERVICE: h.service_id, LABEL_TASK: "other"}
-    other = docker_engine.api.create_container(
-        busybox_image, ["sleep", "60"], name=spec.name, labels=labels,
-        host_config=docker_engine.api.create_host_config(network_mode="none"))["Id"]
-    h.cleanup.track(other)
-    docker_engine.api.start(other)
-    cid = h.cleanup.track(docker_executor.create(spec))
-    assert cid != other and docker_executor.inspect(other) is None
+    with pytest.raises(ExecutorError, match="not this agent's"):
+        docker_executor.create(spec, owner_of(spec))
+    assert docker_executor.inspect(foreign).status == "running"
+    docker_executor.stop(foreign, grace=0)
 
 
 # --- listing ------------------------------------------------------------------------------------
 
 
-def test_managed_lists_our_containers(h, docker_executor, docker_engine, busybox_image):
+def test_managed_lists_only_the_owners_containers(h, docker_executor, docker_engine, busybox_image):
     other_service = h.service_id + "-b"
     h.cleanup.track_service(other_service)
     a1 = h.spec(["true"])
     a2 = h.spec(["sleep", "60"])
     b1 = h.spec(["true"], service_id=other_service)
     before = time.time()
-    ids = {s.task_id: h.cleanup.track(docker_executor.create(s)) for s in (a1, a2, b1)}
+    ids = {s.task_id: h.cleanup.track(docker_executor.create(s, owner_of(s))) for s in (a1, a2, b1)}
     docker_executor.start(ids[a2.task_id])
+    # the same service, another agent (data dir), and unlabelled: none of them ours
+    twin = h.cleanup.track(docker_engine.api.create_container(
+        busybox_image, ["true"], labels={**h.cleanup.labels, **Owner(h.service_id, "twin").labels("t9")},
+        host_config=docker_engine.api.create_host_config(network_mode="none"))["Id"])
     unlabelled = h.cleanup.track(docker_engine.api.create_container(
         busybox_image, ["true"], labels=h.cleanup.labels,
         host_config=docker_engine.api.create_host_config(network_mode="none"))["Id"])
 
-    mine = {f.task_id: f for f in docker_executor.managed(h.service_id)}
+    owner = owner_of(a1)
+    mine = {f.task_id: f for f in docker_executor.managed(owner)}
     assert set(mine) == {a1.task_id, a2.task_id}
     f1, f2 = mine[a1.task_id], mine[a2.task_id]
-    assert (f1.id, f1.name, f1.service_id, f1.status) == (ids[a1.task_id], container_name(a1.task_id),
+    assert (f1.id, f1.name, f1.service_id, f1.status) == (ids[a1.task_id], container_name(owner, a1.task_id),
                                                            h.service_id, "created")
-    assert f2.status == "running"
+    assert f1.owned_by(owner, a1.task_id) and f2.status == "running"
     assert before - 5 < f1.created < time.time() + 5
-
-    everything = {f.id for f in docker_executor.managed()}
-    assert set(ids.values()) <= everything
-    assert unlabelled not in everything
+    assert {f.id for f in docker_executor.managed(owner_of(b1))} == {ids[b1.task_id]}
+    assert twin not in {f.id for f in docker_executor.managed(owner)} and unlabelled not in mine
     docker_executor.stop(ids[a2.task_id], grace=0)
+
+
+def test_purge_removes_root_owned_leftovers(h, docker_executor, tmp_path):
+    """A root container deletes what only root may: mode-0 directories owned by root."""
+    entry = tmp_path / "trash-entry"
+    locked = entry / "ws" / "locked"
+    (locked / "deep").mkdir(parents=True)
+    (locked / "deep" / "f").write_text("x")
+    os.chmod(locked / "deep", 0)
+    os.chmod(locked, 0)
+    docker_executor.purge(h.image, entry, Owner(h.service_id, AGENT_ID))
+    assert list(entry.iterdir()) == []
+    assert docker_executor.managed(Owner(h.service_id, AGENT_ID)) == []
 
 
 # --- mounts, types and isolation ---------------------------------------------------------------------
@@ -402,7 +425,7 @@ def test_python_executor_type(h, docker_executor, python_image, tmp_path):
 def test_engine_refusal_is_executor_error_with_explanation(h, docker_executor):
     spec = h.spec(["true"], network_mode="no-such-network-" + uuid.uuid4().hex[:6])
     with pytest.raises(ExecutorError) as exc:
-        cid = h.cleanup.track(docker_executor.create(spec))
+        cid = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
         docker_executor.start(cid)
     assert not isinstance(exc.value, (ImageMissing, DockerUnavailable))
     assert "no-such-network" in str(exc.value)

@@ -11,11 +11,13 @@ from docker.models.containers import _create_container_args
 from agent_core.config import Config, parse
 from agent_core.errors import ConfigError, UnsafePath, WorkspaceError
 from agent_core.executor import (
+    LABEL_AGENT,
     LABEL_MANAGED,
     LABEL_SERVICE,
     LABEL_TASK,
     Bind,
     ContainerSpec,
+    Owner,
     build_spec,
     container_name,
     create_kwargs,
@@ -34,21 +36,44 @@ def ws(tmp_path: Path) -> Path:
     return w
 
 
+OWNER = Owner("svc-9", "a1b2c3")
+
+
 def spec_for(cfg: Config, ws: Path, **kw) -> ContainerSpec:
-    return build_spec(cfg, task_id=kw.pop("task_id", "t1"), workspace=ws, service_id="svc-9", **kw)
+    return build_spec(cfg, task_id=kw.pop("task_id", "t1"), workspace=ws, owner=OWNER, **kw)
 
 
-# --- names ------------------------------------------------------------------
+# --- names and ownership -----------------------------------------------------
 
 
-def test_container_name_prefixes_task_id():
-    assert container_name("abc-1.2_3") == "agent-core-abc-1.2_3"
+def test_container_name_is_unique_per_service_and_agent():
+    name = container_name(OWNER, "abc-1.2_3")
+    assert name == f"agent-core-{OWNER.key}-abc-1.2_3" and len(OWNER.key) == 12
+    others = [Owner("svc-8", "a1b2c3"), Owner("svc-9", "d4e5f6")]
+    assert all(container_name(o, "abc-1.2_3") != name for o in others)
+
+
+def test_owner_of_names_the_data_dir(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert Owner.of("s", tmp_path / "a") == Owner.of("s", tmp_path / "link")  # the same folder
+    assert Owner.of("s", tmp_path / "a").agent_id != Owner.of("s", tmp_path / "b").agent_id
+
+
+def test_a_container_is_ours_only_when_every_label_says_so():
+    labels = OWNER.labels("t1")
+    assert OWNER.owns(labels) and OWNER.owns(labels, "t1") and not OWNER.owns(labels, "t2")
+    for key, value in [(LABEL_MANAGED, "false"), (LABEL_SERVICE, "svc-8"), (LABEL_AGENT, "other")]:
+        assert not OWNER.owns({**labels, key: value})
+    for key in (LABEL_MANAGED, LABEL_SERVICE, LABEL_AGENT, LABEL_TASK):
+        assert not OWNER.owns({k: v for k, v in labels.items() if k != key}, "t1")
+    assert not OWNER.owns(None) and not OWNER.owns({})
 
 
 @pytest.mark.parametrize("bad", ["", "-x", ".x", "a/b", "../x", "a b", "a\n", "x" * 129, "é"])
 def test_container_name_rejects_unsafe_ids(bad):
     with pytest.raises(UnsafePath):
-        container_name(bad)
+        container_name(OWNER, bad)
 
 
 def test_build_spec_rejects_unsafe_task_id(tmp_path, ws):
@@ -156,8 +181,8 @@ def test_environment_task_id_and_timeout(tmp_path, ws):
 
 def test_labels(tmp_path, ws):
     spec = spec_for(make_cfg(tmp_path), ws, extra_labels={"agent-core.test-id": "u1"})
-    assert dict(spec.labels) == {LABEL_MANAGED: "true", LABEL_SERVICE: "svc-9", LABEL_TASK: "t1",
-                                 "agent-core.test-id": "u1"}
+    assert dict(spec.labels) == {LABEL_MANAGED: "true", LABEL_SERVICE: "svc-9", LABEL_AGENT: "a1b2c3",
+                                 LABEL_TASK: "t1", "agent-core.test-id": "u1"}
     assert spec.task_id == "t1"
     assert create_kwargs(spec)["labels"] == dict(spec.labels)
 
@@ -169,7 +194,7 @@ def test_extra_labels_cannot_override_ours(tmp_path, ws):
 
 def test_name_image_working_dir(tmp_path, ws):
     kw = create_kwargs(spec_for(make_cfg(tmp_path), ws))
-    assert (kw["name"], kw["image"], kw["working_dir"]) == ("agent-core-t1", "img:1", "/workspace")
+    assert (kw["name"], kw["image"], kw["working_dir"]) == (f"agent-core-{OWNER.key}-t1", "img:1", "/workspace")
     assert kw["detach"] is True and kw["tty"] is False and kw["auto_remove"] is False
 
 
@@ -320,7 +345,7 @@ def test_tail_file_keeps_the_last_bytes(tmp_path, limit):
 
     rng = random.Random(limit)
     data = bytes(rng.randrange(256) for _ in range(20_000))
-    tail = _TailFile(tmp_path / "log", limit)
+    tail = _TailFile(open(tmp_path / "log", "w+b"), limit, "the log")
     pos = 0
     while pos < len(data):
         n = rng.choice([1, 3, 50, 999, 5000])

@@ -10,7 +10,7 @@ from docker.models.containers import _create_container_args
 from agent_core import config
 from agent_core.config import Config, parse
 from agent_core.errors import ConfigError
-from agent_core.executor import build_spec, create_kwargs, gpu_verdict
+from agent_core.executor import Owner, build_spec, create_kwargs, gpu_verdict
 from tests.agent_fixtures import wait_until
 
 RUNC_ONLY = {"ServerVersion": "24.0.7", "Runtimes": {"runc": {"path": "runc"}}}
@@ -25,7 +25,7 @@ def host_config(cfg: Config, tmp_path: Path) -> dict:
     """What docker-py would send as HostConfig for this config's task container."""
     ws = tmp_path / "ws"
     ws.mkdir(exist_ok=True)
-    kw = create_kwargs(build_spec(cfg, task_id="t1", workspace=ws, service_id="svc"))
+    kw = create_kwargs(build_spec(cfg, task_id="t1", workspace=ws, owner=Owner("svc", "agent")))
     return _create_container_args({**kw, "version": "1.41"})["host_config"]
 
 
@@ -90,7 +90,7 @@ def test_listed_gpus_are_requested_by_id(tmp_path):
     cfg = cfg_with(tmp_path, 'gpu.vendor = "nvidia"\ngpu.devices = "0,1"')
     ws = tmp_path / "ws"
     ws.mkdir()
-    spec = build_spec(cfg, task_id="t1", workspace=ws, service_id="svc")
+    spec = build_spec(cfg, task_id="t1", workspace=ws, owner=Owner("svc", "agent"))
     assert spec.gpu_driver == "nvidia" and spec.gpu_device_ids == ("0", "1")
     (request,) = host_config(cfg, tmp_path)["DeviceRequests"]
     # Docker refuses a request with both a count and ids

@@ -187,10 +187,11 @@ def test_floods_are_capped_and_the_daemon_stays_healthy(make_agent, dev_server, 
     assert flood_r["status"] == "failed" and flood_r["error_message"].startswith("exit code 1"), flood_r
     assert flood_r["error_message"].endswith("LAST") and len(flood_r["error_message"]) < 2100
     assert len(flood_r["output"]["stdout"]) <= STDOUT_IN_OUTPUT
-    stdout_log = agent.cfg.paths.data_dir / "workspaces" / flood / ".agent-core" / "stdout.log"
+    stdout_log = agent.cfg.paths.data_dir / "tasks" / flood / "stdout.log"
     assert stdout_log.stat().st_size <= 256 * 1024 and stdout_log.read_bytes().endswith(b"LAST\n")
-    # and the file over the server's limit was skipped with the reason, the rest uploaded
-    assert big_r["status"] == "completed", big_r
+    # and the file over the server's limit failed the task, naming it; the rest was uploaded
+    assert big_r["status"] == "failed", big_r
+    assert "output/big.bin" in big_r["error_message"] and str(2 * SERVER_MAX_FILE_BYTES) in big_r["error_message"]
     assert list(agent_files(dev_client, big)) == ["output/small.txt"]
     assert "refused by the server" in skipped_reasons(big_r)["output/big.bin"]
     # and the daemon is healthy: the next task runs, and the finished workspaces are gone

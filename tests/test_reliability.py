@@ -19,7 +19,7 @@ import docker.errors
 import psutil
 import pytest
 
-from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, LABEL_TASK
+from agent_core.executor import LABEL_SERVICE, LABEL_TASK, Owner
 from tests.agent_fixtures import wait_until
 from tests.test_run import DONE, finish, sh
 
@@ -123,7 +123,7 @@ def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, de
     docker_engine.api.remove_container(our_task_container(docker_engine, lost), force=True)
     ghost = docker_engine.containers.create(
         busybox_image, ["sleep", "60"], network_mode="none",
-        labels={LABEL_MANAGED: "true", LABEL_SERVICE: agent.service_id, LABEL_TASK: "ghost"})
+        labels=Owner.of(agent.service_id, agent.cfg.paths.data_dir).labels("ghost"))
     wait_until(lambda: container_status(docker_engine, short) == "exited", 30, "the short task to end")
     assert container_status(docker_engine, long_) == "running"
     agent.start()

@@ -130,9 +130,9 @@ def test_for_task_builds_the_layout_under_data_dir(tmp_path: Path) -> None:
     root = (tmp_path / "data" / "workspaces" / "task-1").resolve()
     assert ws.root == root and ws.task_id == "task-1"
     assert ws.input_dir == root / "input" and ws.output_dir == root / "output"
-    assert ws.meta_dir == root / ".agent-core" and ws.task_json == root / "task.json"
-    assert ws.stdout_log == root / ".agent-core" / "stdout.log"
-    assert ws.stderr_log == root / ".agent-core" / "stderr.log"
+    meta = (tmp_path / "data" / "tasks" / "task-1").resolve()
+    assert ws.meta == meta and ws.task_json == root / "task.json"
+    assert ws.stdout_log == meta / "stdout.log" and ws.stderr_log == meta / "stderr.log"
     assert not ws.exists()
 
 
@@ -142,11 +142,12 @@ def test_for_task_rejects_unsafe_ids(tmp_path: Path, task_id: str) -> None:
         Workspace.for_task(tmp_path, task_id)
 
 
-def test_for_task_rejects_a_symlink_planted_at_the_task_path(tmp_path: Path) -> None:
-    (tmp_path / "workspaces").mkdir()
+@pytest.mark.parametrize("folder", ["workspaces", "tasks"])
+def test_for_task_rejects_a_symlink_planted_at_the_task_path(tmp_path: Path, folder: str) -> None:
+    (tmp_path / folder).mkdir()
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "workspaces" / "t1").symlink_to(tmp_path / "elsewhere")
-    (tmp_path / "workspaces" / "t2").symlink_to("t3")
+    (tmp_path / folder / "t1").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / folder / "t2").symlink_to("t3")
     for task_id in ("t1", "t2"):
         with pytest.raises(UnsafePath):
             Workspace.for_task(tmp_path, task_id)
@@ -167,7 +168,7 @@ def test_create_sets_modes_whatever_the_umask(tmp_path: Path) -> None:
     assert ws.exists()
     assert mode(tmp_path / "data") == 0o700 and mode(tmp_path / "data" / "workspaces") == 0o700
     assert mode(ws.root) == 0o755 and mode(ws.input_dir) == 0o755
-    assert mode(ws.output_dir) == 0o777 and mode(ws.meta_dir) == 0o700
+    assert mode(ws.output_dir) == 0o777 and mode(ws.meta) == 0o700
     assert list(ws.output_dir.iterdir()) == []
 
 
@@ -227,7 +228,7 @@ def test_write_task_json_has_the_executor_contract_shape(tmp_path: Path) -> None
         ],
     }
     assert stat.S_IMODE(ws.task_json.stat().st_mode) == 0o644  # readable by the container's uid
-    assert sorted(p.name for p in ws.root.iterdir()) == [".agent-core", "input", "output", "task.json"]
+    assert sorted(p.name for p in ws.root.iterdir()) == ["input", "output", "task.json"]
 
 
 def test_write_task_json_copes_with_odd_strings_and_checks_its_arguments(tmp_path: Path) -> None:
@@ -272,7 +273,6 @@ def test_scan_outputs_finds_regular_files_and_skips_everything_else(
     ws = new_workspace(tmp_path)
     root, out = ws.root, ws.output_dir
     write(ws.input_dir / "01-in.txt")
-    write(ws.stdout_log, b"log")
     write(out / "result.txt", b"hello")
     write(out / "nested" / "deep" / "x.md", b"##")
     write(out / "task.json", b"{}")  # only the root's task.json is excluded
