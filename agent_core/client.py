@@ -439,7 +439,12 @@ class Client:
 
         def attempt() -> UploadedFile:
             nonlocal cut_offs
-            started = time.monotonic()
+            started = [time.monotonic()]  # moved on when the request goes out, after any budget wait
+
+            def trace(event: str, info: dict) -> None:
+                if event == "http11.send_request_headers.started":
+                    started[0] = time.monotonic()
+
             with open_file() as f:
                 size = f.seek(0, os.SEEK_END)
                 f.seek(0)
@@ -447,12 +452,12 @@ class Client:
                     # httpx sends data fields before files: task_id precedes the file part, as the server insists
                     r = self._request("upload", "POST", self._files_url("upload"), headers=self._auth(),
                                       data={"task_id": task_id},
-                                      files={"file": (rel_path, f, "application/octet-stream")})
+                                      files={"file": (rel_path, f, "application/octet-stream")},
+                                      extensions={"trace": trace})
                 except ServerUnavailable as e:
-                    sent = f.tell()
-                    cut_offs = cut_offs + 1 if sent and _no_answer(e) else 0
+                    cut_offs = cut_offs + 1 if _no_answer(e) else 0
                     if e.status == 408:
-                        timeouts.append(time.monotonic() - started)
+                        timeouts.append(time.monotonic() - started[0])
                         if len(timeouts) >= UPLOAD_TIMEOUTS:
                             raise UploadRefused(
                                 f"upload: the upload ran past the server's request timeout {len(timeouts)} "
@@ -461,7 +466,7 @@ class Client:
                     elif cut_offs >= UPLOAD_CUT_OFFS and self.health():
                         raise UploadRefused(
                             f"upload: the server closed the connection during the upload {cut_offs} times "
-                            f"(the last time after {sent} of {size} bytes)", endpoint="upload") from None
+                            f"(the last time after up to {f.tell()} of {size} bytes)", endpoint="upload") from None
                     raise
                 except ServerRejected as e:
                     if e.status == 413 or (e.status == 400 and TOO_LARGE.search(str(e))):

@@ -126,6 +126,17 @@ class Journal:
         except OSError as e:
             raise JournalError(f"cannot write the journal record of task {task_id}: {e}") from None
 
+    def writable(self) -> bool:
+        """Can a record be written now? (After a failed write: is there room again?)"""
+        probe = self.dir / "probe.tmp"
+        try:
+            self._make_dirs()
+            write_atomic(probe, "x" * 4096)
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
     def add_upload(self, task_id: str, rel: str, file_id: str) -> None:
         """One uploaded output, appended durably: a restart will not upload it again."""
         line = json.dumps({"path": rel, "file_id": file_id}) + "\n"

@@ -218,6 +218,10 @@ class TaskRunner:
     def _stage_inputs(self) -> None:
         self._phase("downloading")
         cfg, task, ws = self.deps.cfg, self.record.task, self.workspace
+        for f in task.input_files:  # a hostile size is refused as that, before any disk arithmetic
+            if f.size_bytes > cfg.limits.max_input_bytes:
+                raise WorkspaceError(
+                    f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
         declared = sum(max(0, f.size_bytes) for f in task.input_files)
         wsmod.check_free_disk(cfg.paths.data_dir, cfg.paths.min_free_disk_mb, declared)
         if ws.exists():  # a crash during an earlier attempt: start the staging again
@@ -229,9 +233,6 @@ class TaskRunner:
             for index, f in enumerate(task.input_files, start=1):
                 if self._cancelled.is_set():
                     return
-                if f.size_bytes > cfg.limits.max_input_bytes:
-                    raise WorkspaceError(
-                        f"input file {f.id} declares {f.size_bytes} bytes, over limits.max_input_bytes")
                 rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
                 self._downloading = path
                 try:
@@ -321,6 +322,9 @@ class TaskRunner:
         deps.executor.save_logs(rec.container_id, lambda: ws.create_log(wsmod.STDOUT_LOG),
                                 lambda: ws.create_log(wsmod.STDERR_LOG), deps.cfg.limits.log_max_bytes)
         with self._lock:
+            if self._resumed and exit_.code == 0 and self._cancel_reason is CancelReason.AGENT_STOPPING:
+                # an earlier run's shutdown could not stop it (no engine then); it completed: that stands
+                self._cancel_reason = None
             rec.exit_code, rec.oom_killed = exit_.code, exit_.oom_killed
             rec.cancel_reason = self._cancel_reason.value if self._cancel_reason else None
         ran = time.time() - (rec.launched_at or time.time())

@@ -24,8 +24,8 @@ from agent_core import preflight, process
 from agent_core import workspace as wsmod
 from agent_core.client import Backoff, Client
 from agent_core.config import Config
-from agent_core.errors import (AgentError, AuthRejected, DiskFull, DockerUnavailable, ServerError,
-                               ServerUnavailable, TaskGone, UnsafePath)
+from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, ServerError,
+                               ServerUnavailable, TaskGone, UnsafePath, WorkspaceError)
 from agent_core.executor import DockerExecutor, Owner
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, TaskRecord
@@ -38,8 +38,10 @@ RUNNING, DRAINING, CANCELLING, EXITING = range(4)
 STATUS_EVERY_SECS = 0.5
 TRANSFER_STATUS_SECS = 0.5    # extra wait between status rewrites while bytes move
 LAUNCH_FAILURES_TO_PAUSE = 3  # of one kind in a row (image, network, user): then intake pauses
+JOURNAL_ROOM_MB = 16          # free space that ends a pause caused by a failed journal write
+ENGINE_WAIT_CHECK_SECS = 1.0  # how soon a task waiting for a lost engine notices the cancel step
 RECHECK_SECS = 10.0           # how often a paused agent checks whether the cause is gone
-STATE_NAMES = ("running", "draining", "cancelling", "exiting")
+STATE_NAMES = process.LADDER  # the status file's "state", read back by `stop`
 
 
 def _clock(when: float) -> str:
@@ -59,11 +61,15 @@ class _Throttled:
         self.errors: dict[str, dict] = {}  # kind -> {"at": epoch, "message": str}
 
     def warning(self, key: str, msg: str, *args: object) -> None:
-        self.errors[key] = {"at": time.time(), "message": msg % args}
+        self.note(key, msg % args)
         now = time.monotonic()
         if now - self._last.get(key, -self.every) >= self.every:
             self._last[key] = now
             log.warning(msg, *args)
+
+    def note(self, key: str, message: str) -> None:
+        """Remember a problem for `status` that was logged elsewhere."""
+        self.errors[key] = {"at": time.time(), "message": message}
 
     def clear(self, key: str) -> bool:
         return self._last.pop(key, None) is not None
@@ -104,6 +110,7 @@ class Scheduler:
         self._launch_failures: dict[str, int] = {}
         self._paused: tuple[preflight.Problem, float] | None = None  # the breaker, and since when
         self._disk_low: str | None = None
+        self._journal_broken = False
         self._server_down: tuple[float, str] | None = None  # since when, and why
         self._deps = Deps(cfg=cfg, client=client, executor=executor, journal=self.journal,
                           owner=self.owner, janitor=self.janitor, engine_down=self._engine_down,
@@ -123,8 +130,8 @@ class Scheduler:
         self._hb_thread.start()
         self._status_thread.start()
         self.write_status()
-        log.info("agent running: service %s, capacity %d, image %s", self.service_id, self.capacity,
-                 self.cfg.executor.image)
+        log.info("agent %s running: service %s, capacity %d, image %s", self.cfg.agent.name, self.service_id,
+                 self.capacity, self.cfg.executor.image)
         try:
             self._supervise()
             self._shutdown()
@@ -172,6 +179,7 @@ class Scheduler:
         backoff = Backoff()
         interval = self.cfg.server.poll_interval_secs
         while self.step == RUNNING:
+            self._disk_ok()  # status names low disk even while no task is offered
             try:
                 result = self.client.poll(self.load, self.capacity, interrupt=self._stopping)
             except AuthRejected as e:
@@ -253,12 +261,20 @@ class Scheduler:
     def _can_take_work(self) -> bool:
         if not self._engine_ok.is_set() or self._paused is not None:
             return False
+        return self._disk_ok()
+
+    def _disk_ok(self) -> bool:
+        """Room on the data dir's disk (and for the journal); `status` shows why not."""
         try:
             wsmod.check_free_disk(self.cfg.paths.data_dir, self.cfg.paths.min_free_disk_mb)
-        except DiskFull as e:
+        except WorkspaceError as e:  # DiskFull, or the data dir's disk cannot even be read
             self._disk_low = f"paused: disk low ({e})"
             self._quiet.warning("disk", "not taking tasks: %s", e)
             return False
+        if self._journal_broken:  # back only with room to spare, not the few bytes a failure frees
+            if wsmod.free_disk_mb(self.cfg.paths.data_dir) < JOURNAL_ROOM_MB or not self.journal.writable():
+                return False
+            self._journal_broken = False
         if self._disk_low:
             log.info("disk space is back: taking tasks again")
             self._disk_low = None
@@ -302,6 +318,7 @@ class Scheduler:
         """A journal write failed (a full disk, mostly): take no work until the disk has room."""
         self._quiet.warning("journal", "%s: taking no new tasks until the disk has room", error)
         self._disk_low = f"paused: the journal cannot be written ({error})"
+        self._journal_broken = True
         self._status_dirty.set()
 
     def _on_cancel(self, task_id: str) -> None:
@@ -356,7 +373,9 @@ class Scheduler:
     def _engine_down(self) -> None:
         if self._engine_ok.is_set():
             log.error("Docker engine unreachable: not taking tasks until it is back")
+            self._quiet.note("engine", "Docker engine unreachable")
             self._engine_ok.clear()
+            self._status_dirty.set()
             threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
 
     def _watch_engine(self) -> None:
@@ -372,7 +391,12 @@ class Scheduler:
             self._wakeup.set()
 
     def _engine_wait(self) -> bool:
-        self._engine_ok.wait()
+        """Block until the engine is back; False when the task should be left to the next start
+        instead: the agent exits, or is cancelling its tasks (a container it cannot reach cannot
+        be stopped; the journal lets the next start finish the task)."""
+        while not self._engine_ok.wait(ENGINE_WAIT_CHECK_SECS):  # the ladder moves without an event here
+            if self.step >= CANCELLING:
+                return False
         return not self.client.abort.is_set()
 
     # --- heartbeats and live status ---------------------------------------------

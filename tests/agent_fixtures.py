@@ -50,10 +50,10 @@ class Agent:
               env: dict[str, str] | None = None) -> subprocess.Popen:
         """`run` in the background; `user` runs it as that user, in the docker group."""
         log = open(self.log_path, "ab")
-        as_user: dict[str, Any] = {}
+        as_user: dict[str, Any] = {"env": {**os.environ, **(env or {})}}
         if user is not None:
-            as_user = {"user": user, "group": user, "extra_groups": ["docker"],
-                       "env": {**os.environ, "HOME": str(self.root), **(env or {})}}
+            as_user.update(user=user, group=user, extra_groups=["docker"])
+            as_user["env"]["HOME"] = str(self.root)
         self.proc = subprocess.Popen(
             [python, "-m", "agent_core", "--config", str(self.config_path), "run", "--log-level",
              "debug", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **as_user)

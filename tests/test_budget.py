@@ -1,4 +1,4 @@
-"""The client-side request budget: heartbeat reserve, priorities, reaction to 429."""
+"""The client-side request budget: heartbeat reserve, priorities, reaction to 429 (how long it holds work)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent_core.budget import Aborted, RequestBudget
+from agent_core.budget import MAX_PAUSE, MIN_PROBE, Aborted, RequestBudget
 
 
 def take(budget: RequestBudget, kind: str, timeout: float = 0.05) -> bool:
@@ -81,3 +81,59 @@ def test_abort_while_waiting():
     abort.set()
     with pytest.raises(Aborted):
         budget.acquire("poll", abort)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def paused(budget: RequestBudget) -> float:
+    return budget.snapshot()["paused_for_secs"]
+
+
+def test_a_429_holds_work_until_the_oldest_request_leaves_the_window_not_a_blind_minute():
+    # The server counts only what it let through, so its window frees when our oldest request leaves it
+    clock = Clock()
+    budget = RequestBudget(150, 10, window=61, clock=clock)
+    for _ in range(3):
+        budget.acquire("poll")
+        clock.now += 1
+    clock.now += 17  # 20 s after the first request: it leaves the window in 41 s
+    budget.throttle(60)
+    assert paused(budget) == 41.0
+    # the probe then is refused again: the next oldest leaves a moment later, so probe again in MIN_PROBE
+    clock.now += 41.5
+    budget.throttle(60)
+    assert paused(budget) == MIN_PROBE
+
+
+def test_retry_after_bounds_the_pause_and_stands_alone_without_a_record():
+    clock = Clock()
+    budget = RequestBudget(150, 10, window=61, clock=clock)
+    budget.throttle(60)  # nothing sent by us in the window (another process with our key?): its word
+    assert paused(budget) == 60.0
+    clock.now += 100
+    budget.acquire("poll")
+    budget.throttle(5)  # the record says 61 s, the server 5: the sooner wins
+    assert paused(budget) == 5.0
+    clock.now += 100
+    budget.throttle(None)
+    assert paused(budget) == 61.0
+    clock.now += 100
+    budget.throttle(10 ** 9)  # a hostile Retry-After cannot stop work for long
+    assert paused(budget) == MAX_PAUSE
+
+
+def test_without_a_budget_a_429_still_holds_work_but_not_heartbeats():
+    budget = RequestBudget(0, 10, window=0.5)
+    budget.acquire("upload")
+    budget.throttle(60)  # our record says the window frees in 0.5 s: probe after MIN_PROBE
+    assert budget.snapshot()["heartbeat_reserve"] == 0
+    assert take(budget, "heartbeat")
+    assert not take(budget, "upload", timeout=0.5)
+    assert take(budget, "upload", timeout=3.0)
+    assert budget.snapshot()["sent_last_window"] == 1  # counted without a limit too (the others left the window)

@@ -311,3 +311,69 @@ def test_run_with_a_missing_mount_host_path_is_a_config_error(tmp_path):
     assert proc.returncode == 2
     line = one_line(proc.stderr)
     assert "paths.mounts[0].host" in line and "does not exist" in line
+
+
+# --------------------------------------------------------------------------- what an operator sees
+
+
+def test_help_reads_like_a_manual():
+    text = agent_cli("--help", check=True).stdout
+    assert "..." not in text.partition("Commands:")[2]  # every summary whole
+    for words in ("Getting started:", "agent-core init --server", "agent-core register --token", "agent-core run",
+                  "AGENT_CORE_CONFIG", "Exit codes: 0 success, 1 runtime failure", "2 usage or configuration error"):
+        assert words in text, words
+    assert "Ctrl+C: drain" in text and "--force" in agent_cli("stop", "--help", check=True).stdout
+
+
+def test_a_failed_init_writes_nothing_and_the_corrected_retry_works(tmp_path):
+    path = tmp_path / "config.toml"
+    proc = agent_cli("init", "--server", "ftp://x", config_path=path)
+    assert proc.returncode == 2 and "scheme" in one_line(proc.stderr)
+    assert list(tmp_path.iterdir()) == []
+    agent_cli("init", "--server", "http://127.0.0.1:9", config_path=path, check=True)
+    assert config.load(path).server.base_url == "http://127.0.0.1:9"
+
+
+def test_init_force_keeps_a_private_backup_and_says_where(tmp_path):
+    path = registered_config(tmp_path)
+    old = path.read_text()
+    proc = agent_cli("init", "--force", config_path=path, check=True)
+    (backup,) = tmp_path.glob("config.toml.bak-*")
+    assert f"kept the old file as {backup} (mode 0600)" in proc.stdout
+    assert backup.read_text() == old and mode(backup) == 0o600 and API_KEY in old
+
+
+def test_register_through_a_symlinked_config_keeps_the_link(tmp_path, dev_server, dev_client):
+    target = make_config(tmp_path / "real", base_url=dev_server.url)
+    link = tmp_path / "config.toml"
+    link.symlink_to(target)
+    token = dev_client.create_service("linked")["registration_token"]
+    agent_cli("register", "--token", token, config_path=link, check=True)
+    assert link.is_symlink() and config.load(target).agent.registered
+
+
+def test_unknown_keys_are_one_plain_warning_each_once_per_command(tmp_path, dev_server, dev_client):
+    path = make_config(tmp_path, base_url=dev_server.url, **{"executor.capasity": 3, "extra_knob": 1})
+    token = dev_client.create_service("typo")["registration_token"]
+    proc = agent_cli("register", "--token", token, config_path=path, check=True)  # loads the file twice
+    warnings = proc.stderr.strip().splitlines()
+    assert warnings == [f"warning: {path}: unknown key `executor.capasity` is ignored: did you mean "
+                        "`executor.capacity`?", f"warning: {path}: unknown key `extra_knob` is ignored"], proc.stderr
+    assert len(agent_cli("status", config_path=path, check=True).stderr.strip().splitlines()) == 2
+
+
+def test_a_config_others_can_read_is_warned_about_with_the_fix(tmp_path):
+    path = registered_config(tmp_path)
+    path.chmod(0o644)
+    proc = agent_cli("status", config_path=path, check=True)
+    line = one_line(proc.stderr)
+    assert line.startswith("warning: ") and line.endswith(f"chmod 600 {path}")
+
+
+def test_run_logs_to_a_private_log_file_when_told(tmp_path, monkeypatch):
+    # run-detached's child is `run --log-file <data_dir>/agent.log`
+    path = registered_config(tmp_path)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    log_file = tmp_path / "agent.log"
+    proc = agent_cli("run", "--log-file", str(log_file), config_path=path, timeout=60)
+    assert proc.returncode == 1 and mode(log_file) == 0o600

@@ -12,9 +12,11 @@ import logging
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, NamedTuple
 from urllib.parse import unquote
@@ -22,10 +24,11 @@ from urllib.parse import unquote
 import pytest
 
 from agent_core import config
-from agent_core.client import Client, path_segment
+from agent_core.budget import RequestBudget
+from agent_core.client import UPLOAD_CUT_OFFS, Client, path_segment
 from agent_core.devclient import DevClient
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
-                               WorkspaceError)
+                               UploadRefused, WorkspaceError)
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration
 from tests.helpers import sha256_file, wait_until
 from tests.hostile_proxy import body_reply, hostile_proxy, huge_json, poll_offer  # noqa: F401 (a fixture)
@@ -358,18 +361,183 @@ def test_upload_retried_on_5xx_reopens_the_file(client, dev_client, service, dev
     assert statuses(dev_server, "/upload") == [500, 200]
 
 
-def test_upload_over_the_servers_size_limit_is_refused_once(make_dev_server, tmp_path):
-    server = make_dev_server(max_file_bytes=1024)
-    src = tmp_path / "big.bin"
-    src.write_bytes(b"x" * 4096)
-    with DevClient(server.url, server.admin_key) as dev:
-        svc = register(server, dev)
-        with Client(server.url, service_id=svc.id, api_key=svc.api_key) as client:
+@pytest.fixture
+def on_server(make_dev_server, tmp_path) -> Callable[..., tuple]:
+    """on_server(**DevServer kwargs, budget=None) -> (server, client, task id of a running task)."""
+    def make(budget: RequestBudget | None = None, **kwargs) -> tuple:
+        server = make_dev_server(**kwargs)
+        with DevClient(server.url, server.admin_key) as dev:
+            svc = register(server, dev)
+            client = Client(server.url, service_id=svc.id, api_key=svc.api_key, budget=budget)
             task = running_task(client, dev, svc)
-            with pytest.raises(ServerRejected) as err:
-                client.upload(task["id"], "big.bin", lambda: open(src, "rb"))
+        made.append(client)
+        return server, client, task["id"]
+
+    made: list[Client] = []
+    yield make
+    for client in made:
+        client.close()
+
+
+def big_file(tmp_path, size: int):
+    path = tmp_path / f"big-{size}.bin"
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: costs no disk
+    return lambda: open(path, "rb")
+
+
+def test_upload_over_the_servers_size_limit_is_refused_once(on_server, tmp_path):
+    # the server answers 400 as soon as it has read 1 MiB of 30 and closes the connection
+    server, client, task_id = on_server(max_file_bytes=MiB)
+    with pytest.raises(UploadRefused) as err:
+        client.upload(task_id, "big.bin", big_file(tmp_path, 30 * MiB))
     assert err.value.status == 400 and "limit" in str(err.value)
     assert statuses(server, "/upload") == [400]
+
+
+def test_a_400_not_about_the_size_is_an_ordinary_refusal(client, dev_server, tmp_path):
+    dev_server.faults.fail_next(1, status=400, path_contains="/upload")  # "injected fault"
+    with pytest.raises(ServerRejected) as err:
+        client.upload("t", "a.bin", big_file(tmp_path, 10))
+    assert err.value.status == 400 and not isinstance(err.value, UploadRefused)
+
+
+def test_a_429_during_an_upload_waits_for_the_window_not_for_retry_after(on_server, tmp_path):
+    # Given a server window of 3 requests per 3 s, filled, and a client that knows that window
+    server, client, task_id = on_server(rate_limit_per_minute=3, rate_window_secs=3,
+                                        budget=RequestBudget(0, 0, window=3.5))
+    client.poll(0, 1)
+    client.poll(0, 1)  # with accept: 3 in the window
+    # When a 5 MiB upload is answered 429 (Retry-After: 60) while it is still being sent
+    up = client.upload(task_id, "out.bin", big_file(tmp_path, 5 * MiB))
+    # Then it is retried once the window has room, long before 60 s
+    assert up.size_bytes == 5 * MiB
+    first, second = server.calls_to("/upload")
+    assert (first.status, second.status) == (429, 200)
+    assert second.time - first.time < 10
+
+
+def test_an_upload_past_the_request_timeout_is_tried_twice_then_refused(on_server, tmp_path):
+    server, client, task_id = on_server(request_timeout_secs=1)
+    server.faults.slow_upload_next(5, bytes_per_sec=MiB)
+    with pytest.raises(UploadRefused) as err:
+        client.upload(task_id, "slow.bin", big_file(tmp_path, 3 * MiB))
+    assert statuses(server, "/upload") == [408, 408]
+    assert err.value.status == 408 and "request timeout" in str(err.value) and "408 after 1." in str(err.value)
+
+
+def test_one_408_on_upload_is_retried(on_server, tmp_path):
+    server, client, task_id = on_server(request_timeout_secs=1)
+    server.faults.slow_upload_next(1, bytes_per_sec=MiB)
+    assert client.upload(task_id, "slow.bin", big_file(tmp_path, 3 * MiB)).size_bytes == 3 * MiB
+    assert statuses(server, "/upload") == [408, 200]
+
+
+class _RawUploads:
+    """For what the dev server never does: a 413 before the body is read, or a connection
+    reset part-way through the body. Each upload gets the next of `replies` ("413", "reset",
+    "ok"; the last one repeats); GET /health answers 200 unless `healthy` is cleared."""
+
+    def __init__(self, replies: list[str]):
+        self.replies = replies
+        self.uploads: list[str] = []
+        self.healthy = threading.Event()
+        self.healthy.set()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            if head.startswith(b"GET /health"):
+                status = b"200 OK" if self.healthy.is_set() else b"503 Down"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                return
+            reply = self.replies[min(len(self.uploads), len(self.replies) - 1)]
+            self.uploads.append(reply)
+            if reply == "413":  # at once, then read what still comes so that the answer is not lost
+                conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 17\r\nConnection: close\r\n\r\nrequest too large")
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(65536):
+                    pass
+            elif reply == "reset":
+                conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                left = length - len(head.partition(b"\r\n\r\n")[2])
+                while left > 0:
+                    left -= len(conn.recv(65536))
+                body = b'{"file_id": "f1", "filename": "a.bin", "size_bytes": 1}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.fixture
+def raw_uploads() -> Iterator[Callable[..., tuple[_RawUploads, Client]]]:
+    made: list[tuple[_RawUploads, Client]] = []
+
+    def make(*replies: str) -> tuple[_RawUploads, Client]:
+        server = _RawUploads(list(replies))
+        made.append((server, Client(server.url, service_id="svc", api_key="ak_agent_x")))
+        return made[-1]
+
+    yield make
+    for server, client in made:
+        client.close()
+        server.close()
+
+
+def test_a_413_answered_before_the_body_is_read_is_refused_once(raw_uploads, tmp_path):
+    server, client = raw_uploads("413")
+    with pytest.raises(UploadRefused) as err:
+        client.upload("t", "big.bin", big_file(tmp_path, 20 * MiB))
+    assert err.value.status == 413 and "request too large" in str(err.value)
+    assert server.uploads == ["413"]
+
+
+def test_connection_resets_during_the_send_are_retried(raw_uploads, tmp_path):
+    server, client = raw_uploads("reset", "reset", "ok")
+    assert client.upload("t", "a.bin", big_file(tmp_path, 8 * MiB)).file_id == "f1"
+    assert server.uploads == ["reset", "reset", "ok"]
+
+
+def test_a_file_cut_off_again_and_again_by_a_server_that_is_up_is_given_up(raw_uploads, tmp_path):
+    server, client = raw_uploads("reset")
+    with pytest.raises(UploadRefused) as err:
+        client.upload("t", "a.bin", big_file(tmp_path, 8 * MiB))
+    assert f"closed the connection during the upload {UPLOAD_CUT_OFFS} times" in str(err.value)
+    assert f"of {8 * MiB} bytes" in str(err.value)
+    assert server.uploads == ["reset"] * UPLOAD_CUT_OFFS
+
+
+def test_cut_offs_while_the_server_is_down_are_not_the_files_fault(raw_uploads, tmp_path):
+    # /health failing says the server is in trouble, not the file: keep trying until it is up
+    server, client = raw_uploads("reset")
+    server.healthy.clear()
+    threading.Timer(6, server.healthy.set).start()
+    with pytest.raises(UploadRefused):
+        client.upload("t", "a.bin", big_file(tmp_path, 8 * MiB))
+    assert len(server.uploads) > UPLOAD_CUT_OFFS
 
 
 # --------------------------------------------------------------------------- complete

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
-from agent_core import config
+from agent_core import config, process
+from agent_core import doctor as doctormod
+from agent_core.client import Client
 from tests.agent_fixtures import agent_cli
+from tests.test_client import canned, closed_port  # noqa: F401  (canned is a fixture)
 
 NO_ENGINE = "unix:///nonexistent.sock"
 
@@ -131,3 +136,80 @@ def test_unusable_data_dir_unreachable_server_and_no_registration_fail(tmp_path,
     assert "paths.data_dir" in line(proc.stdout, "FAIL", "is not a folder")
     line(proc.stdout, "FAIL", "server http://127.0.0.1:9 not reachable")
     line(proc.stdout, "FAIL", "not registered")
+
+
+# --- in-process: the server probe, the credentials check beside a running daemon, masking ----------------
+
+
+def cfg_for(tmp_path, base_url: str, **changes):
+    path = tmp_path / "config.toml"
+    config.init(path, base_url=base_url)
+    config.update(path, {"paths.data_dir": str(tmp_path / "data"), "server.connect_timeout_secs": 5, **changes})
+    return config.load(path)
+
+
+def test_a_refused_connection_is_named_with_its_fix(tmp_path):
+    check = doctormod._server(cfg_for(tmp_path, f"http://127.0.0.1:{closed_port()}"))
+    assert check.status == "FAIL" and "connection refused" in check.message and "server runs" in check.message
+
+
+@pytest.mark.parametrize("status, body, ctype", [
+    (404, b"<html><body>Not Found</body></html>", "text/html"),
+    (200, b'{"status": "degraded"}', "application/json"),
+    (200, b"<html>welcome</html>", "text/html; charset=utf-8"),
+])
+def test_an_answer_that_is_not_openaaas_is_named_with_its_fix(tmp_path, canned, status, body, ctype):
+    check = doctormod._server(cfg_for(tmp_path, canned(status, body, ctype)))
+    assert check.status == "FAIL" and "not as an OpenAaaS server" in check.message
+    assert f"HTTP {status}, {ctype.split(';')[0]}" in check.message and "API root" in check.message
+
+
+def test_a_tls_failure_is_named_with_its_fix(tmp_path, canned):
+    url = canned(200, b'{"status": "healthy"}', "application/json").replace("http://", "https://")
+    check = doctormod._server(cfg_for(tmp_path, url))
+    assert check.status == "FAIL" and "TLS failed" in check.message and "http://" in check.message
+
+
+def test_a_healthy_server_passes(tmp_path, canned):
+    check = doctormod._server(cfg_for(tmp_path, canned(200, b'{"status": "healthy"}', "application/json")))
+    assert check.status == "ok"
+
+
+def test_beside_a_running_daemon_no_heartbeat_is_sent(tmp_path, canned):
+    # Given a daemon holding the data dir whose last heartbeat was 7 s ago
+    url = canned(500, b"must not be called")
+    cfg = cfg_for(tmp_path, url, **{"agent.service_id": "svc-1", "agent.api_key": "ak_" + "2" * 32})
+    data_dir = process.ensure_data_dir(cfg.paths.data_dir)
+    pidfile = process.PidFile(data_dir)
+    pidfile.acquire()
+    try:
+        status = {"pid": os.getpid(), "state": "running", "last_heartbeat": time.time() - 7, "tasks": [{}]}
+        (data_dir / process.STATUSFILE).write_text(json.dumps(status))
+        with Client.from_config(cfg) as client:
+            check = doctormod._credentials(cfg, client)
+        assert check.status == "ok" and "last heartbeat: 7 s ago" in check.message and f"pid {os.getpid()}" in check.message
+        # and a heartbeat error newer than the last success is a warning naming it
+        status["errors"] = {"heartbeat": {"at": time.time(), "message": "HTTP 401 service revoked"}}
+        (data_dir / process.STATUSFILE).write_text(json.dumps(status))
+        with Client.from_config(cfg) as client:
+            check = doctormod._credentials(cfg, client)
+        assert check.status == "warn" and "HTTP 401 service revoked" in check.message
+    finally:
+        pidfile.release()
+
+
+def test_the_api_key_is_masked_in_every_line_and_config_warnings_are_listed(tmp_path, monkeypatch):
+    key = "ak_" + "3" * 32
+    cfg = cfg_for(tmp_path, "http://127.0.0.1:9", **{"agent.service_id": "svc-1", "agent.api_key": key,
+                                                      "executor.capasity": 3})
+    cfg.path.chmod(0o640)
+    # a server that echoes the key back in an error
+    monkeypatch.setattr(doctormod, "_server_checks",
+                        lambda _cfg: iter([doctormod.Check("server", "FAIL", f"HTTP 400: bad key {key}")]))
+    monkeypatch.setattr(doctormod, "_engine_checks", lambda _cfg: iter([]))
+    checks = doctormod.run(cfg.path)
+    text = doctormod.render(checks) + doctormod.to_json(checks)
+    assert key not in text and "bad key ***" in text
+    assert "did you mean `executor.capacity`?" in line(doctormod.render(checks), "warn", "executor.capasity")
+    assert f"chmod 600 {cfg.path}" in line(doctormod.render(checks), "warn", "readable by other users")
+    assert doctormod.exit_code([c for c in checks if c.name == "config"]) == 0

@@ -140,6 +140,6 @@ def test_run_warns_at_start_when_gpus_are_configured_but_the_engine_lacks_the_ru
     agent = make_agent({"executor.gpu.vendor": "nvidia", "executor.gpu.devices": "0"})
     agent.start()
     # a warning on Linux, not a refusal: the agent goes on to run
-    wait_until(lambda: "agent running" in agent.log() or not agent.alive(), 60, "the agent to run")
+    wait_until(lambda: "running: service" in agent.log() or not agent.alive(), 60, "the agent to run")
     assert "no nvidia runtime" in agent.log() and agent.alive()
     assert agent.stop() == 0

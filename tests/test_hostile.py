@@ -199,8 +199,8 @@ def test_floods_are_capped_and_the_daemon_stays_healthy(make_agent, dev_server, 
     assert dev_client.wait_for_status(calm, DONE, timeout=60)["status"] == "completed"
     assert agent.alive()
     workspaces = agent.cfg.paths.data_dir / "workspaces"
-    wait_until(lambda: [p.name for p in workspaces.iterdir()] == [flood], 30,
-               "only the failed task's workspace to be kept")
+    wait_until(lambda: sorted(p.name for p in workspaces.iterdir()) == sorted([flood, big]), 30,
+               "only the failed tasks' workspaces to be kept")
 
 
 def test_a_hostile_server_fails_tasks_with_reasons_and_the_daemon_goes_on(make_agent, dev_server, dev_client,

@@ -194,6 +194,11 @@ class StandInRunner:
     def finish(self) -> None:
         self.scheduler._on_runner_done(self)
 
+    transferring = False
+
+    def live(self) -> dict:
+        return {"id": self.task_id, "stage": self.phase, "started_at": self.started}
+
 
 @pytest.fixture
 def ladder(tmp_path, dev_server, dev_client):

@@ -183,3 +183,38 @@ def test_a_json_run_logs_only_json_lines_with_task_ids_and_no_secret(make_agent,
     assert all(any("accepted" in m for m in msgs) for msgs in by_task.values()), by_task
     assert any(m.endswith("cancelled (cancelled on request)") for m in by_task[long_task]), by_task[long_task]
     assert any("failed (exit code 3" in m for m in by_task[bad]), by_task[bad]
+
+
+def test_the_log_file_rotates_by_size_and_every_generation_is_private(tmp_path):
+    path = tmp_path / "agent.log"
+    handler = logs.make_handler("text", file=path, max_bytes=2000, backups=2, secrets=[SECRET])
+    logger = logging.getLogger("agent_core.test_rotation")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(200):
+            logger.warning("line %d with %s", i, SECRET)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["agent.log", "agent.log.1", "agent.log.2"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 2000 and (p.stat().st_mode & 0o777) == 0o600
+        assert SECRET not in p.read_text()
+    assert "line 199" in path.read_text()
+
+
+def test_max_bytes_0_never_rotates(tmp_path):
+    handler = logs.make_handler("json", file=tmp_path / "agent.log", max_bytes=0, backups=3)
+    logger = logging.getLogger("agent_core.test_rotation")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(100):
+            logger.warning("line %d %s", i, "x" * 100)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["agent.log"]
+    assert len(parse_lines((tmp_path / "agent.log").read_text())) == 100
