@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import threading
 from pathlib import Path
@@ -183,6 +184,33 @@ def test_a_json_run_logs_only_json_lines_with_task_ids_and_no_secret(make_agent,
     assert all(any("accepted" in m for m in msgs) for msgs in by_task.values()), by_task
     assert any(m.endswith("cancelled (cancelled on request)") for m in by_task[long_task]), by_task[long_task]
     assert any("failed (exit code 3" in m for m in by_task[bad]), by_task[bad]
+    # and each task's container start, exit and upload summary have an INFO line of their own
+    assert_task_lines({t: [e["msg"] for e in entries if e.get("task_id") == t and e["level"].upper() == "INFO"]
+                       for t in ok}, bad=[e["msg"] for e in entries if e.get("task_id") == bad])
+
+
+def assert_task_lines(by_task: dict[str, list[str]], bad: list[str]) -> None:
+    for task_id, msgs in by_task.items():
+        assert any(re.search(r"container \w{12} started \(image ", m) for m in msgs), msgs
+        assert any(re.search(r"container exited with code 0 after [\d.]+ s$", m) for m in msgs), msgs
+        assert any(re.search(r"uploaded 1 files \(4 bytes\), skipped 0, in [\d.]+ s", m) for m in msgs), msgs
+    assert any("container exited with code 3 after" in m for m in bad), bad
+
+
+def test_a_text_run_logs_container_start_exit_and_upload_summary_at_info(make_agent, dev_client):
+    agent = make_agent({**sh("if grep -q bad /workspace/task.json; then exit 3; fi; "
+                             "cp /workspace/input/* /workspace/output/"), "logging.level": "info"})
+    ok = dev_client.submit_task(agent.service_id, "ok", files=[("in.txt", b"data")])["id"]
+    bad = dev_client.submit_task(agent.service_id, "bad")["id"]
+    agent.start()
+    for task in (ok, bad):
+        dev_client.wait_for_status(task, DONE, timeout=60)
+    assert agent.stop() == 0
+    lines = agent.log().splitlines()
+    info = [ln.split(": ", 1)[1] for ln in lines if " INFO " in ln and ": task " in ln]
+    assert_task_lines({ok: [m.split(": ", 1)[1] for m in info if m.startswith(f"task {ok}: ")]},
+                      bad=[m for m in info if m.startswith(f"task {bad}: ")])
+    assert any("agent agent-core running: service" in ln for ln in lines)
 
 
 def test_the_log_file_rotates_by_size_and_every_generation_is_private(tmp_path):
