@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 # Lower goes first. Polls slow down first, heartbeats never wait for work.
 PRIORITY = {"heartbeat": 0, "complete": 1, "upload": 2, "accept": 3, "download": 4, "poll": 5, "register": 5}
-
-
 MIN_PROBE = 1.0  # after a 429, never ask again sooner: a wrong guess costs one refusal a second
 MAX_PAUSE = 120.0  # whatever Retry-After a hostile server sends
 

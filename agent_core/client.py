@@ -42,6 +42,7 @@ from agent_core.protocol import Completion, Heartbeat, PollResult, Registration,
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+RETRY_LOG_EVERY_SECS = 60.0  # a retried call's failures are logged at its level once per this
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # limits.max_reply_bytes
 SNIPPET_BYTES = 4096  # of an error body: enough for any message worth showing
 UPLOAD_TIMEOUTS = 2  # 408s per file: a second try may meet a less busy link, a third would not
@@ -88,6 +89,11 @@ def _retry_after(response: httpx.Response) -> float | None:
     except (ValueError, TypeError):  # neither seconds nor a date: no hint
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _path(url: str) -> str:
+    """A URL's path for a debug line (no query: nothing secret is there, but nothing needed either)."""
+    return httpx.URL(url).raw_path.decode("ascii", "replace").split("?", 1)[0]
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -212,6 +218,7 @@ class Client:
         self._http = http or httpx.Client(timeout=timeout, trust_env=trust_env,
                                           headers={"User-Agent": f"agent-core/{__version__}"})
         self.last_success: dict[str, float] = {}  # endpoint -> time.time() of the last 2xx
+        self._retry_said: dict[str, float] = {}  # endpoint -> when its failures were last logged loud
         self.metrics = Metrics()  # records nothing; the daemon installs a real one (metrics.start)
 
     @classmethod
@@ -300,12 +307,18 @@ class Client:
             self.budget.acquire(kind, self.abort, interrupt)
         except Aborted:
             raise ServerUnavailable(f"{kind}: abandoned, the agent is exiting", endpoint=kind) from None
+        started = time.monotonic()
         try:
             with self._http.stream(method, url, **kwargs) as response:
+                log.debug("%s %s %s -> %d in %.0f ms", kind, method, _path(url), response.status_code,
+                          (time.monotonic() - started) * 1000)
                 self._check(response, kind)
                 return _Reply(response.status_code, self._read_reply(response, kind))
         except httpx.HTTPError as e:
-            raise self._transport_error(e, kind) from None
+            error = self._transport_error(e, kind)
+            log.debug("%s %s %s -> no answer after %.0f ms: %s", kind, method, _path(url),
+                      (time.monotonic() - started) * 1000, error)
+            raise error from None
 
     def _retrying(self, kind: str, policy: RetryPolicy) -> tenacity.Retrying:
         # not wait_exponential_jitter: its `initial` is deprecated in tenacity 9, its replacement missing in 8
@@ -320,8 +333,13 @@ class Client:
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.log(policy.log_level, "%s failed (attempt %d): %s; retrying in %.1f s", kind,
-                    state.attempt_number, exc, state.next_action.sleep if state.next_action else 0)
+            # a failure that repeats is said once a minute per call; every attempt shows at DEBUG
+            now = time.monotonic()
+            loud = now - self._retry_said.get(kind, -RETRY_LOG_EVERY_SECS) >= RETRY_LOG_EVERY_SECS
+            if loud:
+                self._retry_said[kind] = now
+            log.log(policy.log_level if loud else logging.DEBUG, "%s failed (attempt %d): %s; retrying in %.1f s",
+                    kind, state.attempt_number, exc, state.next_action.sleep if state.next_action else 0)
 
         stop = tenacity.stop_never if policy.attempts is None else tenacity.stop_after_attempt(policy.attempts)
         return tenacity.Retrying(
@@ -404,7 +422,10 @@ class Client:
                 raise ServerUnavailable("download: abandoned, the agent is exiting", endpoint="download") from None
             size = 0
             try:
-                with self._http.stream("GET", url, headers=self._auth()) as r:
+                # identity: the stored bytes, not a copy the server gzips on the fly and we undo
+                # (docs/download-encoding.md), and max_bytes counts what lands on disk
+                with self._http.stream("GET", url, headers={**self._auth(), "Accept-Encoding": "identity"}) as r:
+                    log.debug("download %s -> %d", _path(url), r.status_code)
                     self._check(r, "download")
                     # 0644 whatever the umask: the container may run as another user
                     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)

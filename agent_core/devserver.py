@@ -852,6 +852,7 @@ class Faults:
         self._rules: list[_Rule] = []
         self._delays: list[_Rule] = []
         self._slow: list[_Rule] = []
+        self._slow_downloads: list[_Rule] = []
         self._ratio = 0.0
         self._ratio_statuses: tuple[int, ...] = ()
         self._ratio_delay = 0.0
@@ -881,6 +882,12 @@ class Faults:
         if bytes_per_sec <= 0:
             raise ValueError("bytes_per_sec must be positive")
         self._add(self._slow, _Rule(n, path_contains, None, rate=bytes_per_sec))
+
+    def slow_download_next(self, n: int, bytes_per_sec: float) -> None:
+        """Send the next n agent downloads at about `bytes_per_sec` (a slow link)."""
+        if bytes_per_sec <= 0:
+            raise ValueError("bytes_per_sec must be positive")
+        self._add(self._slow_downloads, _Rule(n, "/download", None, rate=bytes_per_sec))
 
     def garbage_next(self, n: int, path_contains: str | None = None) -> None:
         """Answer 200 with a body that is not JSON (but claims to be)."""
@@ -928,6 +935,7 @@ class Faults:
             self._rules.clear()
             self._delays.clear()
             self._slow.clear()
+            self._slow_downloads.clear()
             self._ratio = 0.0
             self._endless.clear()
 
@@ -941,10 +949,10 @@ class Faults:
         with self._lock:
             return file_id in self._endless
 
-    def _body_rate(self, path: str, is_agent: bool) -> float | None:
-        """The bytes per second to read this request's body at, if it is to be slowed."""
+    def _body_rate(self, path: str, is_agent: bool, rules: list[_Rule] | None = None) -> float | None:
+        """The bytes per second to read this request's body (or send a download) at, if slowed."""
         with self._lock:
-            for rule in self._slow:
+            for rule in self._slow if rules is None else rules:
                 if rule.matches(path, is_agent):
                     rule.remaining -= 1
                     return rule.rate
@@ -1096,11 +1104,16 @@ def _gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
         chunks.close()
 
 
-def _file_response(rec: _File, request_headers) -> _Response:
-    """A download as the real server sends it (observed): chunked, no Content-Length, gzip if accepted."""
+def _file_response(rec: _File, request_headers, rate: float | None = None) -> _Response:
+    """A download as the real server sends it (observed): chunked, no Content-Length, gzip if accepted.
+    `rate` (bytes per second) slows it down, as Faults.slow_download_next asks."""
+    piece = max(1, min(_CHUNK, int(rate / 10))) if rate else _CHUNK
+
     def stream() -> Iterator[bytes]:
         with open(rec.path, "rb") as src:
-            while chunk := src.read(_CHUNK):
+            while chunk := src.read(piece):
+                if rate:
+                    time.sleep(len(chunk) / rate)
                 yield chunk
     headers = {"Content-Disposition": _content_disposition(rec.filename), "Vary": "accept-encoding"}
     body = stream()
@@ -1226,7 +1239,8 @@ class _App:
         if self.faults._is_endless(file_id):
             return _Response(200, content_type="application/octet-stream", stream=_endless_stream(req.closing),
                              headers={"Content-Disposition": _content_disposition("endless.bin")}, chunked=False)
-        return _file_response(self.store.file_for_agent(svc, file_id), req.headers)
+        rate = self.faults._body_rate(req.path, True, self.faults._slow_downloads)
+        return _file_response(self.store.file_for_agent(svc, file_id), req.headers, rate)
 
     def agent_upload(self, req: _Request, svc: _Service) -> _Response:
         task: _Task | None = None

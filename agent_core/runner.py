@@ -91,6 +91,7 @@ class TaskRunner:
         self._save_lock = threading.Lock()  # the record is journaled from the task thread and by cancel()
         self._cancelled = threading.Event()
         self._resumed = record.stage >= Stage.LAUNCHED  # a container from before a restart
+        self._resumed_after_exit = record.stage >= Stage.EXITED  # its container may not be removed yet
         self._refused: list[str] = []  # outputs the server will never take (not journaled: a
         # restart uploads them again and is refused again)
         # a cancel journaled by an earlier run still holds: the new run finishes it
@@ -479,6 +480,8 @@ class TaskRunner:
         self.deps.client.complete(completion)
 
     def _clean_up(self) -> None:
+        if self._resumed_after_exit:  # a crash between journaling the exit and removing the container
+            self._remove_container()
         keep = self.deps.cfg.paths.keep_workspaces
         status = self.record.completion.status if self.record.completion else "failed"
         if keep == "all" or (keep == "failed" and status != "completed"):

@@ -24,7 +24,7 @@ import pytest
 from agent_core.devclient import DevClient
 from agent_core.executor import LABEL_SERVICE
 from tests.agent_fixtures import REPO, Agent, wait_until
-from tests.test_reliability import agent_files, calls_for, container_status, read_output
+from tests.test_reliability import calls_for, container_status, read_output
 from tests.test_run import DONE, finish, sh
 
 pytestmark = pytest.mark.docker

@@ -761,3 +761,21 @@ def test_script_prints_url_and_stops_cleanly_on_sigterm(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and stdout == "" and stderr == ""
+
+
+def test_slow_download_next_sends_a_download_at_about_the_rate(dev_server, dev_client):
+    svc = dev_client.create_service("slow-dl")
+    with httpx.Client(base_url=dev_server.url, timeout=30) as http:
+        reg = http.post("/api/v1/agent/register", json={"registration_token": svc["registration_token"],
+                                                         "capacity": 1}).json()
+        task = dev_client.submit_task(reg["service_id"], "p", files=[("a.bin", b"x" * 200_000)])
+        (f,) = dev_client.list_files(task["id"])
+        dev_server.faults.slow_download_next(1, 400_000)
+        url = f"/api/v1/files/agent/{reg['service_id']}/files/{f['id']}/download"
+        headers = {"X-Service-ID": reg["service_id"], "X-API-Key": reg["api_key"], "Accept-Encoding": "identity"}
+        started = time.monotonic()
+        slow = http.get(url, headers=headers)
+        took = time.monotonic() - started
+        fast = http.get(url, headers=headers)  # only the next one was slowed
+    assert slow.content == fast.content == b"x" * 200_000
+    assert took >= 0.4

@@ -20,7 +20,6 @@ from agent_core.config import Config, parse
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError, ImageMissing
 from agent_core.executor import (
     LABEL_AGENT,
-    LABEL_MANAGED,
     LABEL_SERVICE,
     LABEL_TASK,
     ContainerSpec,

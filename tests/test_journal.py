@@ -1,28 +1,20 @@
-"""The task journal (durable records, replay) and the shutdown ladder, without Docker.
+"""The task journal (durable records, replay), without Docker.
 
-The ladder tests drive a real `Scheduler` against the local server with a stand-in
-executor and stand-in runners, so every step and what it sends can be checked.
+The shutdown ladder's tests are in tests/test_scheduler.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
-from agent_core import config, fsutil, process
-from agent_core.client import Client
+from agent_core import fsutil
 from agent_core.errors import JournalError
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.protocol import Completion, InputFile, Task
 from agent_core.runner import CancelReason
-from agent_core.scheduler import CANCELLING, DRAINING, EXITING, RUNNING, ExitNow, Scheduler
-from tests.agent_fixtures import wait_until
 
 
 def record(task_id: str = "t-1", **changes) -> TaskRecord:
@@ -162,139 +154,3 @@ def test_a_record_is_never_written_or_removed_outside_the_journal(tmp_path, task
     with pytest.raises(JournalError):
         journal.remove(task_id)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
-
-
-# --- the shutdown ladder --------------------------------------------------------------
-
-
-class NoDocker:
-    """The executor surface the scheduler touches when no task container exists."""
-
-    def managed(self, service_id=None):
-        return []
-
-    def ping(self):
-        pass
-
-
-class StandInRunner:
-    """Takes the place of a TaskRunner: records the cancel and ends when told."""
-
-    def __init__(self, scheduler: Scheduler, task_id: str, finish_on_cancel: bool = True):
-        self.scheduler, self.task_id = scheduler, task_id
-        self.phase, self.started, self.record = "running", time.time(), record(task_id)
-        self.cancelled_for: CancelReason | None = None
-        self.finish_on_cancel = finish_on_cancel
-
-    def cancel(self, reason: CancelReason) -> None:
-        self.cancelled_for = reason
-        if self.finish_on_cancel:
-            self.finish()
-
-    def finish(self) -> None:
-        self.scheduler._on_runner_done(self)
-
-    transferring = False
-
-    def live(self) -> dict:
-        return {"id": self.task_id, "stage": self.phase, "started_at": self.started}
-
-
-@pytest.fixture
-def ladder(tmp_path, dev_server, dev_client):
-    """A Scheduler for a registered service on the local server, with no Docker behind it."""
-    service = dev_client.create_service("ladder")
-    with Client(dev_server.url) as anon:
-        reg = anon.register(service["registration_token"], 1)
-    path = config.init(tmp_path / "config.toml", base_url=dev_server.url)
-    config.update(path, {"agent.service_id": reg.service_id, "agent.api_key": reg.api_key,
-                         "agent.heartbeat_interval_secs": 0.2, "agent.shutdown_grace_secs": 1,
-                         "server.poll_interval_secs": 0.2, "paths.data_dir": str(tmp_path / "data"),
-                         "paths.min_free_disk_mb": 0, "executor.capacity": 1})
-    cfg = config.load(path)
-    process.ensure_data_dir(cfg.paths.data_dir)
-    client = Client.from_config(cfg)
-    scheduler = Scheduler(cfg, client, NoDocker())
-    yield scheduler
-    client.abort.set()
-    client.close()
-
-
-def heartbeats(dev_server, service_id):
-    return [c.body["status"] for c in dev_server.calls_to("/heartbeat") if service_id in c.path]
-
-
-def state(scheduler) -> str:
-    return json.loads((Path(scheduler.cfg.paths.data_dir) / process.STATUSFILE).read_text())["state"]
-
-
-def test_each_signal_is_one_step_and_the_third_exits_at_once(ladder):
-    assert ladder.step == RUNNING
-    ladder.request_stop()
-    assert (ladder.step, state(ladder)) == (DRAINING, "draining")
-    ladder.request_stop()
-    assert (ladder.step, state(ladder)) == (CANCELLING, "cancelling")
-    assert not ladder.client.abort.is_set()
-    with pytest.raises(ExitNow):
-        ladder.request_stop()
-    assert ladder.step == EXITING and ladder.client.abort.is_set()  # retries and waits end now
-
-
-def run_in_thread(scheduler) -> tuple[threading.Thread, dict]:
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", scheduler.run()), daemon=True)
-    thread.start()
-    wait_until(lambda: scheduler.last_poll, 10, "the first poll")
-    return thread, result
-
-
-def test_a_drain_that_outlasts_the_grace_cancels_by_itself_then_goes_offline(ladder, dev_server):
-    # Given a task that only ends when cancelled
-    thread, result = run_in_thread(ladder)
-    runner = StandInRunner(ladder, "stuck")
-    with ladder._lock:
-        ladder._runners[runner.task_id] = runner
-    # When the first signal comes and the grace (1 s) passes
-    asked = time.monotonic()
-    ladder.request_stop()
-    thread.join(15)
-    # Then the scheduler cancelled the task as "agent shutting down", no sooner than the grace
-    assert not thread.is_alive() and result["code"] == 0
-    assert runner.cancelled_for is CancelReason.AGENT_STOPPING
-    assert time.monotonic() - asked >= 1.0
-    beats = heartbeats(dev_server, ladder.service_id)
-    assert beats[-1] == "offline" and beats.count("offline") == 1
-    assert "busy" in beats  # heartbeats went on while the task drained
-
-
-def test_a_task_that_ends_within_the_grace_is_not_cancelled(ladder, dev_server):
-    thread, result = run_in_thread(ladder)
-    runner = StandInRunner(ladder, "quick")
-    with ladder._lock:
-        ladder._runners[runner.task_id] = runner
-    ladder.request_stop()
-    polls = len(dev_server.calls_to("/poll"))
-    threading.Timer(0.3, runner.finish).start()
-    thread.join(15)
-    assert not thread.is_alive() and result["code"] == 0
-    assert runner.cancelled_for is None
-    assert len(dev_server.calls_to("/poll")) <= polls + 1  # no new work is taken while draining
-    assert heartbeats(dev_server, ladder.service_id)[-1] == "offline"
-
-
-def test_the_second_signal_cancels_without_waiting_for_the_grace(ladder, dev_server):
-    ladder.cfg = dataclasses.replace(ladder.cfg, agent=dataclasses.replace(ladder.cfg.agent,
-                                                                           shutdown_grace_secs=60))
-    thread, result = run_in_thread(ladder)
-    runner = StandInRunner(ladder, "long")
-    with ladder._lock:
-        ladder._runners[runner.task_id] = runner
-    ladder.request_stop()
-    wait_until(lambda: state(ladder) == "draining", 5, "draining")
-    asked = time.monotonic()
-    ladder.request_stop()
-    thread.join(15)
-    assert not thread.is_alive() and result["code"] == 0
-    assert runner.cancelled_for is CancelReason.AGENT_STOPPING
-    assert time.monotonic() - asked < 10  # not the 60 s grace
-    assert heartbeats(dev_server, ladder.service_id)[-1] == "offline"

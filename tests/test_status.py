@@ -68,15 +68,16 @@ def _accepted_at(dev_client, task_id: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def test_status_is_true_at_the_moment_it_is_read(make_agent, dev_client, tmp_path):
+def test_status_is_true_at_the_moment_it_is_read(make_agent, dev_server, dev_client, tmp_path):
     # Given a 20 s task with a 200 MiB input and 50 outputs, and polls every second
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
         for _ in range(200):
             f.write(os.urandom(1024 * 1024))  # incompressible: the transfer takes a while
-    agent = make_agent({**sh("sleep 14; i=0; while [ $i -lt 50 ]; do head -c 1048576 /dev/urandom "
+    agent = make_agent({**sh("sleep 12; i=0; while [ $i -lt 50 ]; do head -c 1048576 /dev/urandom "
                              "> /workspace/output/f$i; i=$((i+1)); done"),
                         "server.poll_interval_secs": 1})
+    dev_server.faults.slow_download_next(1, 40 * 1024 * 1024)  # about 5 s, as over a real link
     task_id = dev_client.submit_task(agent.service_id, "truth", files=[("big.bin", big)])["id"]
     agent.start()
     # When `status --json` is sampled every second

@@ -1,0 +1,262 @@
+"""`FakeBackend`: an in-memory stand-in for `DockerExecutor`, for runner and scheduler tests.
+
+    backend = FakeBackend()
+    backend.script("t-1", Script(code=0, stdout=b"hi", outputs={"output/a.txt": b"a"}))
+    backend.script("t-2", Script(hold=True))        # runs until backend.release("t-2") or stop()
+    backend.fail("create", ImageMissing("gone"), times=3)
+    gate = backend.block("wait")                     # the next wait() blocks ...
+    gate.reached.wait(5); gate.release(DockerUnavailable("crash"))   # ... then raises (or goes on)
+
+A container is a record (id, name, labels from the spec, status created/running/exited).
+`start` "runs" it: the script's outputs are written into the task's workspace (the spec's first
+bind), and unless it holds, it exits at once. Every method is thread-safe, and records its call
+in `calls` (method name, first argument).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError
+from agent_core.executor import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Exit, Found, Owner, SavedLogs
+
+STOPPED_CODE = 137  # what a container ended by `stop` exits with (SIGKILL)
+
+
+@dataclass
+class Script:
+    """What one task's container does when it runs."""
+
+    code: int = 0
+    oom_killed: bool = False
+    stdout: bytes = b""
+    stderr: bytes = b""
+    outputs: dict[str, bytes] = field(default_factory=dict)  # workspace-relative path -> bytes
+    hold: bool = False  # keep running until the test calls `release` (or the runner `stop`)
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    labels: dict[str, str]
+    workspace: Path
+    status: str = "created"
+    exit: Exit | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def task_id(self) -> str:
+        return self.labels.get(LABEL_TASK, "")
+
+    def found(self) -> Found:
+        return Found(id=self.id, name=self.name, task_id=self.task_id,
+                     service_id=self.labels.get(LABEL_SERVICE, ""), status=self.status,
+                     created=self.created, labels=dict(self.labels))
+
+
+class Gate:
+    """A call held at the gate: `reached` is set when it arrives; `release` lets it go on, or raise."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._go = threading.Event()
+        self._error: BaseException | None = None
+
+    def release(self, error: BaseException | None = None) -> None:
+        if not self._go.is_set():  # the first release decides
+            self._error = error
+            self._go.set()
+
+    def _pass(self) -> None:
+        self.reached.set()
+        self._go.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.containers: dict[str, Container] = {}  # by id; removed ones are gone
+        self.calls: list[tuple[str, object]] = []
+        self.image_ok = True  # what image_present answers
+        self._scripts: dict[str, Script] = {}
+        self._released: set[str] = set()  # tasks whose held containers may exit
+        self._gates: list[Gate] = []  # every gate made, for close()
+        self._faults: dict[str, list[Gate | list]] = {}  # method -> [Gate | [error, times left]]
+
+    # --- what a test sets up and looks at ----------------------------------------------
+
+    def script(self, task_id: str, script: Script) -> None:
+        with self._cond:
+            self._scripts[task_id] = script
+
+    def fail(self, method: str, error: BaseException, times: int = 1) -> None:
+        """The next `times` calls of `method` raise `error`."""
+        with self._cond:
+            self._faults.setdefault(method, []).append([error, times])
+
+    def block(self, method: str) -> Gate:
+        """The next call of `method` waits at the returned gate."""
+        gate = Gate()
+        with self._cond:
+            self._faults.setdefault(method, []).append(gate)
+            self._gates.append(gate)
+        return gate
+
+    def release(self, task_id: str) -> None:
+        """The task's held container exits now (or, not started yet, as soon as it starts)."""
+        with self._cond:
+            self._released.add(task_id)
+            script = self._script(task_id)
+            for c in self.containers.values():
+                if c.task_id == task_id and c.status == "running":
+                    self._exit(c, Exit(script.code, script.oom_killed))
+
+    def close(self) -> None:
+        """End the test: every held call fails and every running container exits."""
+        with self._cond:
+            gates = list(self._gates)
+            self._faults.clear()
+            for c in self.containers.values():
+                if c.status == "running":
+                    self._exit(c, Exit(STOPPED_CODE, False))
+        for gate in gates:
+            gate.release(DockerUnavailable("the fake backend was closed"))
+
+    def count(self, method: str) -> int:
+        with self._cond:
+            return sum(1 for name, _ in self.calls if name == method)
+
+    def of_task(self, task_id: str) -> list[Container]:
+        with self._cond:
+            return [c for c in self.containers.values() if c.task_id == task_id]
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _call(self, method: str, arg: object = None) -> None:
+        """Record the call and apply the first fault queued for it (outside the lock)."""
+        with self._cond:
+            self.calls.append((method, arg))
+            queue = self._faults.get(method) or []
+            fault = queue[0] if queue else None
+            if isinstance(fault, Gate):
+                queue.pop(0)
+            elif fault is not None:
+                fault[1] -= 1
+                if fault[1] <= 0:
+                    queue.pop(0)
+        if isinstance(fault, Gate):
+            fault._pass()
+        elif fault is not None:
+            raise fault[0]
+
+    def _script(self, task_id: str) -> Script:
+        return self._scripts.get(task_id) or Script()
+
+    def _get(self, container_id: str) -> Container:
+        c = self.containers.get(container_id)
+        if c is None:
+            raise ContainerVanished(f"no such container: {container_id[:12]}")
+        return c
+
+    def _exit(self, c: Container, exit_: Exit) -> None:
+        c.status, c.exit = "exited", exit_
+        self._cond.notify_all()
+
+    # --- the DockerExecutor surface ---------------------------------------------------------
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def image_present(self, image: str) -> bool:
+        self._call("image_present", image)
+        return self.image_ok
+
+    def network(self, name: str) -> dict | None:
+        self._call("network", name)
+        return {"Name": name}
+
+    def image_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
+        self._call("image_file", path)
+        return None
+
+    def create(self, spec: ContainerSpec, owner: Owner) -> str:
+        self._call("create", spec.task_id)
+        with self._cond:
+            if any(c.name == spec.name for c in self.containers.values()):
+                raise ExecutorError(f"container name {spec.name} is in use")  # Docker's 409
+            c = Container(id=uuid.uuid4().hex * 2, name=spec.name, labels=dict(spec.labels),
+                          workspace=Path(spec.binds[0].host))
+            self.containers[c.id] = c
+            return c.id
+
+    def start(self, container_id: str) -> None:
+        self._call("start", container_id)
+        with self._cond:
+            c = self._get(container_id)
+            if c.status != "created":
+                return
+            script = self._script(c.task_id)
+            for rel, data in script.outputs.items():
+                path = c.workspace / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            c.status = "running"
+            if not script.hold or c.task_id in self._released:
+                self._exit(c, Exit(script.code, script.oom_killed))
+
+    def inspect(self, id_or_name: str) -> Found | None:
+        self._call("inspect", id_or_name)
+        with self._cond:
+            c = self.containers.get(id_or_name) or next(
+                (c for c in self.containers.values() if c.name == id_or_name), None)
+            return c.found() if c else None
+
+    def wait(self, container_id: str) -> Exit:
+        self._call("wait", container_id)
+        with self._cond:
+            while True:
+                c = self._get(container_id)
+                if c.exit is not None:
+                    return c.exit
+                self._cond.wait()
+
+    def stop(self, container_id: str, grace: float = 10) -> None:
+        self._call("stop", container_id)
+        with self._cond:
+            c = self.containers.get(container_id)
+            if c is not None and c.status != "exited":
+                self._exit(c, Exit(STOPPED_CODE, False))
+
+    def remove(self, container_id: str) -> None:
+        self._call("remove", container_id)
+        with self._cond:
+            self.containers.pop(container_id, None)
+            self._cond.notify_all()  # a wait on it ends (ContainerVanished)
+
+    def save_logs(self, container_id: str, open_stdout: Callable, open_stderr: Callable,
+                  max_bytes: int) -> SavedLogs:
+        self._call("save_logs", container_id)
+        with self._cond:
+            script = self._script(self._get(container_id).task_id)
+        for opener, data in ((open_stdout, script.stdout), (open_stderr, script.stderr)):
+            with opener() as f:
+                f.write(data[-max_bytes:] if max_bytes else data)
+        return SavedLogs(len(script.stdout), len(script.stderr), max_bytes)
+
+    def managed(self, owner: Owner) -> list[Found]:
+        self._call("managed")
+        with self._cond:
+            return [c.found() for c in self.containers.values() if owner.owns(c.labels)]
+
+    def purge(self, image: str, entry: Path, owner: Owner) -> None:
+        self._call("purge", entry)
+        shutil.rmtree(Path(entry) / "ws", ignore_errors=True)

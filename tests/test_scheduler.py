@@ -1,0 +1,204 @@
+"""The Scheduler with real TaskRunners against the local server and a FakeBackend: the shutdown
+ladder and the circuit breaker, driven only through `run`, `request_stop`, `load` and the
+status file, with tasks submitted to the server like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_core import process
+from agent_core import scheduler as scheduler_mod
+from agent_core.client import Client
+from agent_core.errors import ImageMissing
+from agent_core.journal import Journal
+from agent_core.scheduler import EXITING, ExitNow, Scheduler
+from tests.fakes import FakeBackend, Script
+from tests.helpers import wait_until
+from tests.test_runner import agent_config, dev_server  # noqa: F401  (the module's server fixture)
+
+FAST = {"agent.heartbeat_interval_secs": 0.2, "agent.shutdown_grace_secs": 1,
+        "server.poll_interval_secs": 0.2, "executor.capacity": 1}
+
+
+class Agent:
+    """A Scheduler serving in a thread, with the FakeBackend behind it."""
+
+    def __init__(self, scheduler: Scheduler, backend: FakeBackend, dev_server):
+        self.scheduler, self.backend, self.dev_server = scheduler, backend, dev_server
+        self.data_dir = Path(scheduler.cfg.paths.data_dir)
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.setdefault("code", scheduler.run()),
+                                       daemon=True)
+
+    def start(self) -> Agent:
+        self.thread.start()
+        wait_until(lambda: self.scheduler.last_poll, 10, "the first poll")
+        return self
+
+    def join(self, timeout: float = 15) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the scheduler did not stop"
+        return self.result["code"]
+
+    def status(self) -> dict:
+        return json.loads((self.data_dir / process.STATUSFILE).read_text())
+
+    def heartbeats(self) -> list[str]:
+        return [c.body["status"] for c in self.dev_server.calls_to("/heartbeat")
+                if self.scheduler.service_id in c.path and c.status == 200]
+
+    def running(self, task_id: str) -> bool:
+        return [c.status for c in self.backend.of_task(task_id)] == ["running"]
+
+
+@pytest.fixture
+def make_agent_node(tmp_path, dev_server, dev_client):
+    """make_agent_node(**config changes) -> Agent (not started); stopped in teardown."""
+    made: list[tuple[Agent, Client]] = []
+
+    def make(**settings) -> Agent:
+        cfg = agent_config(tmp_path, dev_server, dev_client, **{**FAST, **settings})
+        client = Client.from_config(cfg)
+        backend = FakeBackend()
+        agent = Agent(Scheduler(cfg, client, backend), backend, dev_server)
+        made.append((agent, client))
+        return agent
+
+    yield make
+    for agent, client in made:
+        client.abort.set()
+        agent.backend.close()
+        agent.thread.join(10)
+        client.close()
+
+
+def submit_held(agent: Agent, dev_client, prompt: str = "p") -> str:
+    """A task whose container runs until released or stopped."""
+    task_id = dev_client.submit_task(agent.scheduler.service_id, prompt)["id"]
+    agent.backend.script(task_id, Script(hold=True))
+    return task_id
+
+
+def started(agent: Agent, task_id: str) -> None:
+    wait_until(lambda: agent.scheduler.load == 1 and agent.running(task_id), 10, "the task's container")
+
+
+# --- the shutdown ladder --------------------------------------------------------------
+
+
+def test_a_drain_that_outlasts_the_grace_cancels_by_itself_then_goes_offline(
+        make_agent_node, dev_server, dev_client):
+    # Given a task that only ends when stopped
+    agent = make_agent_node()
+    task_id = submit_held(agent, dev_client)
+    agent.start()
+    started(agent, task_id)
+    # When the first signal comes
+    asked = time.monotonic()
+    agent.scheduler.request_stop()
+    assert agent.status()["state"] == "draining"
+    # Then after the grace (1 s) the scheduler stops the container and reports the task failed
+    assert agent.join() == 0
+    assert time.monotonic() - asked >= 1.0
+    task = dev_server.get_task(task_id)
+    assert (task["status"], task["error_message"]) == ("failed", "agent shutting down")
+    assert agent.backend.count("stop") == 1 and agent.backend.of_task(task_id) == []
+    beats = agent.heartbeats()
+    assert beats[-1] == "offline" and beats.count("offline") == 1
+    assert "busy" in beats  # heartbeats went on while the task drained
+    assert Journal(agent.data_dir).replay() == []
+
+
+def test_a_task_that_ends_within_the_grace_is_not_cancelled(make_agent_node, dev_server, dev_client):
+    agent = make_agent_node()
+    task_id = submit_held(agent, dev_client)
+    agent.start()
+    started(agent, task_id)
+    agent.scheduler.request_stop()
+    polls = len(dev_server.calls_to("/poll"))
+    threading.Timer(0.3, agent.backend.release, args=(task_id,)).start()
+    assert agent.join() == 0
+    assert dev_server.get_task(task_id)["status"] == "completed"
+    assert agent.backend.count("stop") == 0
+    assert len(dev_server.calls_to("/poll")) <= polls + 1  # no new work is taken while draining
+    assert agent.heartbeats()[-1] == "offline"
+
+
+def test_the_second_signal_cancels_without_waiting_for_the_grace(make_agent_node, dev_server, dev_client):
+    agent = make_agent_node(**{"agent.shutdown_grace_secs": 60})
+    task_id = submit_held(agent, dev_client)
+    agent.start()
+    started(agent, task_id)
+    agent.scheduler.request_stop()
+    asked = time.monotonic()
+    agent.scheduler.request_stop()
+    assert agent.status()["state"] == "cancelling"
+    assert agent.join() == 0
+    assert time.monotonic() - asked < 10  # not the 60 s grace
+    task = dev_server.get_task(task_id)
+    assert (task["status"], task["error_message"]) == ("failed", "agent shutting down")
+    assert agent.heartbeats()[-1] == "offline"
+
+
+def test_the_third_signal_exits_at_once_and_the_next_start_reports_the_task(
+        make_agent_node, dev_server, dev_client):
+    # Given a task whose container cannot be stopped (the engine hangs on stop)
+    agent = make_agent_node(**{"agent.shutdown_grace_secs": 60})
+    task_id = submit_held(agent, dev_client)
+    stuck = agent.backend.block("stop")
+    agent.start()
+    started(agent, task_id)
+    agent.scheduler.request_stop()
+    agent.scheduler.request_stop()
+    assert stuck.reached.wait(5)
+    # When the third signal comes, it raises ExitNow at once and every request is cut short
+    asked = time.monotonic()
+    with pytest.raises(ExitNow):
+        agent.scheduler.request_stop()
+    assert time.monotonic() - asked < 1.0
+    assert agent.scheduler.step == EXITING and agent.scheduler.client.abort.is_set()
+    # and the task is left to the journal, unreported (the container ends once the agent is gone)
+    agent.backend.release(task_id)
+    agent.join()
+    assert [c for c in dev_server.calls_to("/complete") if c.body["task_id"] == task_id] == []
+    assert [r.task_id for r in Journal(agent.data_dir).replay()] == [task_id]
+    # Then the next start reports it, with the reason journaled before the stop
+    with Client.from_config(agent.scheduler.cfg) as client:
+        assert Scheduler(agent.scheduler.cfg, client, agent.backend, burst=True).run() == 0
+    task = dev_server.get_task(task_id)
+    assert (task["status"], task["error_message"]) == ("failed", "agent shutting down")
+    assert Journal(agent.data_dir).replay() == []
+
+
+# --- the circuit breaker ------------------------------------------------------------------
+
+
+def test_three_launches_without_the_image_pause_intake_until_it_is_back(
+        make_agent_node, dev_server, dev_client, monkeypatch):
+    monkeypatch.setattr(scheduler_mod, "RECHECK_SECS", 0.2)
+    agent = make_agent_node()
+    agent.backend.image_ok = False
+    agent.backend.fail("create", ImageMissing("executor image open-aaas-executor:latest is missing"), times=3)
+    failing = [dev_client.submit_task(agent.scheduler.service_id, f"t{n}")["id"] for n in range(3)]
+    agent.start()
+    # Given three launches in a row that found no image
+    for task_id in failing:
+        dev_client.wait_for_status(task_id, "failed", timeout=10)
+    # Then intake pauses, and the status says why
+    reason = wait_until(lambda: agent.status()["reason"], 5, "a reason in the status")
+    assert reason.startswith("paused since") and "is not on this host" in reason
+    later = dev_client.submit_task(agent.scheduler.service_id, "later")["id"]
+    time.sleep(0.6)  # three poll intervals, and as many rechecks
+    assert dev_server.get_task(later)["status"] == "pending"
+    # When the image is back, the next recheck resumes intake
+    agent.backend.image_ok = True
+    assert dev_client.wait_for_status(later, ("completed", "failed"), timeout=10)["status"] == "completed"
+    wait_until(lambda: agent.status()["reason"] is None, 5, "the reason cleared")
+    agent.scheduler.request_stop()
+    assert agent.join() == 0
