@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import httpx
 
 from agent_core import config as configmod
-from agent_core import logs, netreach, process
+from agent_core import logs, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.errors import AgentError, AuthRejected, ExecutorError
 from agent_core.executor import DockerExecutor, gpu_verdict
@@ -70,6 +70,15 @@ def _engine(executor: DockerExecutor) -> tuple[Check, dict[str, Any] | None]:
                                      "(`systemctl start docker`) or point DOCKER_HOST at it"), None
     return Check("engine", OK, f"docker engine reachable ({info.get('ServerVersion', '?')}) "
                                f"at {executor.where}"), info
+
+
+def _executor(cfg: configmod.Config, executor: DockerExecutor) -> Check:
+    """What `run` checks before its first task, beyond the engine and the image: network and user."""
+    problem = preflight.check(cfg, executor)
+    if problem is None:
+        return Check("executor", OK, f"a task can start (network {cfg.executor.network_mode}, "
+                                     f"user {cfg.executor.user or 'of the image'})")
+    return Check("executor", FAIL, problem.line())
 
 
 def _image(cfg: configmod.Config, executor: DockerExecutor) -> Check:
@@ -217,7 +226,10 @@ def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
             yield Check("image", SKIP, f"executor image {cfg.executor.image} not checked: no engine")
             yield Check("task_network", SKIP, "task network not checked: no engine", essential=False)
             return
-        yield _image(cfg, executor)
+        image = _image(cfg, executor)
+        yield image
+        if image.status == OK:
+            yield _executor(cfg, executor)
         if cfg.executor.gpu is not None:
             yield _gpu(cfg, info)
         yield _task_network(cfg, executor)

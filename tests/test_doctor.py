@@ -45,8 +45,18 @@ def test_healthy_setup_passes(make_agent, docker_engine):
     # the same as JSON
     data = json.loads(doctor(agent.config_path, "--json").stdout)
     assert data["ok"] is True
-    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "task_network",
-                                                   "server", "credentials", "disk"]
+    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "executor",
+                                                   "task_network", "server", "credentials", "disk"]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("setting, words", [({"executor.network_mode": "nonee"}, "no network 'nonee'"),
+                                            ({"executor.user": "nosuchuser"}, "nosuchuser")])
+def test_doctor_fails_an_executor_that_run_would_refuse(make_agent, setting, words):
+    agent = make_agent(setting)
+    proc = doctor(agent.config_path)
+    assert proc.returncode == 1, proc.stdout
+    assert words in line(proc.stdout, "FAIL", "executor") and "fix:" in proc.stdout
 
 
 @pytest.mark.docker
@@ -71,7 +81,8 @@ def test_missing_network_is_named(make_agent):
     agent = make_agent({"executor.network_mode": "agent-core-test-no-such-network",
                         "metrics.listen": "127.0.0.1:9464"})
     proc = doctor(agent.config_path)
-    assert proc.returncode == 0, proc.stdout
+    assert proc.returncode == 1, proc.stdout  # `run` would refuse it
+    line(proc.stdout, "FAIL", "no network 'agent-core-test-no-such-network'")
     line(proc.stdout, "warn", "task network agent-core-test-no-such-network not found")
     line(proc.stdout, "ok", "is loopback only")
 

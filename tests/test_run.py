@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -120,13 +121,18 @@ def test_exit_code_and_timeout_become_failures(make_agent, dev_client, docker_en
     wait_until(lambda: not containers_of(docker_engine, agent.service_id), 15, "containers to be removed")
 
 
-def test_a_missing_image_fails_the_task_and_the_daemon_goes_on(make_agent, dev_client):
-    agent = make_agent({"executor.image": "agent-core-test/does-not-exist:1"})
-    first = dev_client.submit_task(agent.service_id, "a")["id"]
+def test_a_missing_image_fails_the_task_and_the_daemon_goes_on(make_agent, dev_client, docker_engine, busybox_image):
+    # (a missing image at start is refused before any task: tests/test_preflight.py)
+    tag = f"agent-core-test/goes-missing:{uuid.uuid4().hex[:8]}"
+    docker_engine.images.get(busybox_image).tag(tag)
+    agent = make_agent({"executor.image": tag})
     agent.start()
+    wait_until(lambda: "running: service" in agent.log(), 60, "the agent to run")
+    docker_engine.images.remove(tag)
+    first = dev_client.submit_task(agent.service_id, "a")["id"]
     result = dev_client.wait_for_status(first, DONE, timeout=60)
     assert result["status"] == "failed"
-    assert "agent-core-test/does-not-exist:1" in result["error_message"]
+    assert tag in result["error_message"]
     second = dev_client.submit_task(agent.service_id, "b")["id"]
     assert dev_client.wait_for_status(second, DONE, timeout=60)["status"] == "failed"
     assert agent.alive()

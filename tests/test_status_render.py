@@ -69,10 +69,10 @@ def test_status_renders_state_reason_errors_and_task_progress(daemon_here):
     for shown in ("last poll", "3 s ago", "12 s ago", "engine          reachable", "tasks           2 of capacity 2",
                   "last heartbeat error  40 s ago: server unavailable: HTTP 503", "up              600 s"):
         assert any(" ".join(shown.split()) in " ".join(ln.split()) for ln in lines), (shown, text)
-    (t1,) = [ln for ln in lines if "t-1" in ln]
+    (t1,) = [ln for ln in lines if ln.split()[:1] == ["t-1"]]  # not "pytest-1..." in a path
     assert t1.split()[:4] == ["t-1", "downloading", "90", "s"] and "(stage 20 s)" in t1
     assert "down 3.0/8.0 MiB" in t1 and t1.endswith("container -")
-    (t2,) = [ln for ln in lines if "t-2" in ln]
+    (t2,) = [ln for ln in lines if ln.split()[:1] == ["t-2"]]
     assert "up 1/4 files 1.0/5.0 MiB" in t2 and t2.endswith("container abcdef123456")
     assert API_KEY not in text
 
