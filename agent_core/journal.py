@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from agent_core.errors import AgentError, JournalError
+from agent_core.errors import AgentError, JournalError, UnsafePath
 from agent_core.fsutil import write_atomic
 from agent_core.protocol import Completion, Task
+from agent_core.workspace import check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ class Journal:
         self._task_written: set[str] = set()
 
     def _name(self, task_id: str) -> str:
-        if not task_id or task_id.startswith(".") or any(c in task_id for c in "/\\\0"):
-            raise JournalError(f"task id {task_id[:40]!r} cannot name a journal record")
-        return task_id
+        try:
+            return check_task_id(task_id)  # the one id rule: it also keeps records in this folder
+        except UnsafePath:
+            raise JournalError(f"task id {str(task_id)[:40]!r} cannot name a journal record") from None
 
     def _path(self, task_id: str) -> Path:
         return self.dir / f"{self._name(task_id)}.json"

@@ -1,0 +1,59 @@
+"""No import circle among agent_core's modules (imports at module level; an import inside a
+function, or under `if TYPE_CHECKING:`, is a deliberate late one and does not count)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "agent_core"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Module -> the agent_core modules it imports at module level (dotted names)."""
+    paths = list(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        name = module_name(path)
+        deps: set[str] = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from agent_core import x` imports the module agent_core.x when there is one
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = (deps & modules) - {name, "agent_core"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, done = [], set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep in stack:
+                found.append(stack[stack.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, stack + [dep])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [module])
+    return found
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_agent_core_has_no_import_circle():
+    graph = module_imports()
+    assert {"agent_core.client", "agent_core.scheduler", "agent_core.devserver.routes"} <= set(graph)
+    assert cycles(graph) == []
