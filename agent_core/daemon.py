@@ -10,7 +10,7 @@ from agent_core import metrics, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import EXIT_FAILURE, ExecutorError
-from agent_core.executor import DockerExecutor, check_mounts
+from agent_core.executor import check_mounts, open_backend
 from agent_core.scheduler import ExitNow, Scheduler
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
     abort = threading.Event()
     executor = client = metrics_server = None
     try:
-        executor = DockerExecutor(pool_size=cfg.executor.capacity + DOCKER_POOL_MARGIN)
+        executor = open_backend(cfg, cfg.executor.capacity + DOCKER_POOL_MARGIN)
         problem = preflight.check(cfg, executor)
         if problem is not None:  # refuse now rather than accept and fail every task in the queue
             raise ExecutorError(f"cannot run tasks: {problem.line()}")

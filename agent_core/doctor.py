@@ -10,6 +10,7 @@ listening sockets (netreach). The api_key is masked in every line, whatever a se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import ssl
@@ -25,7 +26,7 @@ from agent_core import config as configmod
 from agent_core import logs, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.errors import AgentError, AuthRejected, ExecutorError
-from agent_core.executor import DockerExecutor, gpu_verdict
+from agent_core.executor import Backend, gpu_verdict, open_backend
 from agent_core.protocol import Heartbeat
 from agent_core.workspace import free_disk_mb
 
@@ -61,7 +62,7 @@ def _data_dir(cfg: configmod.Config) -> Check:
     return Check("data_dir", OK, f"data dir {path} writable{note}")
 
 
-def _engine(executor: DockerExecutor) -> tuple[Check, dict[str, Any] | None]:
+def _engine(executor: Backend) -> tuple[Check, dict[str, Any] | None]:
     try:
         info = executor.info()
     except AgentError as e:
@@ -72,7 +73,7 @@ def _engine(executor: DockerExecutor) -> tuple[Check, dict[str, Any] | None]:
                                f"at {executor.where}"), info
 
 
-def _executor(cfg: configmod.Config, executor: DockerExecutor) -> Check:
+def _executor(cfg: configmod.Config, executor: Backend) -> Check:
     """What `run` checks before its first task, beyond the engine and the image: network and user."""
     problem = preflight.check(cfg, executor)
     if problem is None:
@@ -81,7 +82,7 @@ def _executor(cfg: configmod.Config, executor: DockerExecutor) -> Check:
     return Check("executor", FAIL, problem.line())
 
 
-def _image(cfg: configmod.Config, executor: DockerExecutor) -> Check:
+def _image(cfg: configmod.Config, executor: Backend) -> Check:
     image = cfg.executor.image
     try:
         present = executor.image_present(image)
@@ -99,7 +100,7 @@ def _gpu(cfg: configmod.Config, info: dict[str, Any]) -> Check:
     return Check("gpu", status, f"GPU: {verdict.message}")
 
 
-def _task_network(cfg: configmod.Config, executor: DockerExecutor) -> Check:
+def _task_network(cfg: configmod.Config, executor: Backend) -> Check:
     try:
         reach = netreach.assess(cfg.executor.network_mode, executor.network)
     except ExecutorError as e:
@@ -219,7 +220,7 @@ def _server_checks(cfg: configmod.Config) -> Iterator[Check]:
 
 
 def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
-    with DockerExecutor(pool_size=2) as executor:
+    with contextlib.closing(open_backend(cfg, 2)) as executor:
         engine, info = _engine(executor)
         yield engine
         if info is None:

@@ -5,7 +5,7 @@ a container running as root left root-owned, mode-0 directories, and the agent i
 the folder is moved aside into `<data_dir>/trash/` — a rename needs no permission on what is
 inside — and logged once. An agent that is not root then has the trash purged by a short-lived
 container of the executor image, running as root with only that one entry mounted (see
-`DockerExecutor.purge`). Whatever still cannot be removed stays in trash/, is named in the log,
+`Backend.purge`). Whatever still cannot be removed stays in trash/, is named in the log,
 and is tried again at the next start. Nothing here raises: leftovers are never a reason for
 `run` to stop or for a task to fail.
 """

@@ -29,7 +29,7 @@ from agent_core.errors import AgentError, ProcessError
 
 if TYPE_CHECKING:
     from agent_core.client import Client
-    from agent_core.executor import DockerExecutor
+    from agent_core.executor import Backend
     from agent_core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class MetricsServer:
         self._httpd.server_close()
 
 
-def start(cfg: Config, client: Client, executor: DockerExecutor,
+def start(cfg: Config, client: Client, executor: Backend,
           scheduler: Scheduler) -> MetricsServer | None:
     """Record metrics and serve them when `[metrics] listen` is set; None (and nothing recorded) when not."""
     if not cfg.metrics.listen:

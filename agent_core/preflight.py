@@ -17,7 +17,7 @@ from agent_core.errors import AgentError, DockerUnavailable, ExecutorError, Imag
 
 if TYPE_CHECKING:
     from agent_core.config import Config
-    from agent_core.executor import DockerExecutor
+    from agent_core.executor import Backend
 
 # Network modes every engine has; anything else must exist as a named network.
 _BUILTIN_NETWORKS = ("none", "host", "default")
@@ -82,7 +82,7 @@ def user_problem(user: str, image: str, passwd: str | None, group: str | None) -
     return None
 
 
-def _read(executor: DockerExecutor, image: str, path: str) -> str | None:
+def _read(executor: Backend, image: str, path: str) -> str | None:
     data = executor.image_file(image, path, _MAX_ACCOUNT_FILE)
     if data is None:
         return None
@@ -92,7 +92,7 @@ def _read(executor: DockerExecutor, image: str, path: str) -> str | None:
         return f.read().decode("utf-8", "replace") if f else None
 
 
-def check(cfg: Config, executor: DockerExecutor) -> Problem | None:
+def check(cfg: Config, executor: Backend) -> Problem | None:
     """The first reason no task could start with this config on this engine, or None."""
     ex = cfg.executor
     try:

@@ -26,7 +26,7 @@ from agent_core.config import Config
 from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerError,
                                JournalError, ServerRejected, ServerUnavailable, TaskGone, UploadRefused,
                                WorkspaceError)
-from agent_core.executor import DockerExecutor, Owner, build_spec
+from agent_core.executor import Backend, Owner, State, build_spec
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.protocol import Completion
@@ -65,7 +65,7 @@ class Deps:
 
     cfg: Config
     client: Client
-    executor: DockerExecutor
+    executor: Backend
     journal: Journal
     owner: Owner  # whose containers this agent may touch
     janitor: Janitor
@@ -303,7 +303,7 @@ class TaskRunner:
                 raise ContainerVanished(f"container {rec.container_id[:12]} vanished")
             if not found.owned_by(deps.owner, self.task_id):  # never wait on, or report, another's
                 raise ContainerVanished(f"container {rec.container_id[:12]} is no longer this agent's")
-            if found.status == "created":  # we crashed between create and start
+            if found.state is State.CREATED:  # we crashed between create and start
                 deps.executor.start(rec.container_id)
         timeout = deps.cfg.executor.timeout_secs
         timer = None

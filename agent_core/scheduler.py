@@ -26,7 +26,7 @@ from agent_core.client import Backoff, Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, ServerError,
                                ServerUnavailable, TaskGone, UnsafePath, WorkspaceError)
-from agent_core.executor import DockerExecutor, Owner
+from agent_core.executor import Backend, Owner
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, TaskRecord
 from agent_core.protocol import Completion, Heartbeat, Task
@@ -76,7 +76,7 @@ class _Throttled:
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, client: Client, executor: DockerExecutor, *, burst: bool = False):
+    def __init__(self, cfg: Config, client: Client, executor: Backend, *, burst: bool = False):
         self.cfg = cfg
         self.client = client
         self.executor = executor

@@ -441,12 +441,12 @@ STAGES_BARE = (("create call → container created", "begin", "create"),
 PROFILE_RATE = 200  # samples per second
 # The deepest of these frames in a task thread's stack names what that thread was waiting on.
 PROFILE_CATEGORIES = {
-    "DockerExecutor.start": "Docker: start",
-    "DockerExecutor.create": "Docker: create (and inspect, as docker-py does)",
-    "DockerExecutor.wait": "Docker: wait (and inspect, for OOMKilled)",
-    "DockerExecutor.remove": "Docker: remove",
-    "DockerExecutor._inspect_attrs": "Docker: inspect before wait",
-    "DockerExecutor.save_logs": "Docker: logs (stdout, then stderr)",
+    "DockerBackend.start": "Docker: start",
+    "DockerBackend.create": "Docker: create (and inspect, as docker-py does)",
+    "DockerBackend.wait": "Docker: wait (and inspect, for OOMKilled)",
+    "DockerBackend.remove": "Docker: remove",
+    "DockerBackend._inspect_attrs": "Docker: inspect before wait",
+    "DockerBackend.save_logs": "Docker: logs (stdout, then stderr)",
     "Journal.save": "journal writes (fsync'd)",
     "Journal.remove": "journal writes (fsync'd)",
     "write_status": "status file writes",
@@ -1047,9 +1047,9 @@ a separate note. Idle, the daemon polls every 5 s and heartbeats every 15 s, wel
    create-and-rename writes a task). The scheduler now marks the status dirty and one thread rewrites
    `status.json` at most every 0.5 s (`STATUS_EVERY_SECS`); a stop step still writes at once.
 2. *Applied.* `TaskRunner._await_exit` inspects the container before `wait` only when resuming a
-   journaled task (a crash between create and start), and `DockerExecutor.wait` inspects for
+   journaled task (a crash between create and start), and `DockerBackend.wait` inspects for
    OOMKilled only when the exit code is not 0 (an OOM kill never exits 0): two Docker calls fewer a task.
-3. *Not applied.* `DockerExecutor.save_logs` makes two `logs()` calls, each preceded by docker-py's
+3. *Not applied.* `DockerBackend.save_logs` makes two `logs()` calls, each preceded by docker-py's
    TTY inspect: four API calls. One `GET /containers/{id}/logs?stdout=1&stderr=1` split by the 8-byte
    frame headers would do it in one, but needs docker-py's private socket helpers; a few ms a task.
 4. *Not applied.* `Journal.save` could fsync the directory only when a record is new, and `_collect`

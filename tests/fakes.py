@@ -1,4 +1,4 @@
-"""`FakeBackend`: an in-memory stand-in for `DockerExecutor`, for runner and scheduler tests.
+"""`FakeBackend`: an in-memory `Backend` (agent_core.executor), for runner and scheduler tests.
 
     backend = FakeBackend()
     backend.script("t-1", Script(code=0, stdout=b"hi", outputs={"output/a.txt": b"a"}))
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError
-from agent_core.executor import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Exit, Found, Owner, SavedLogs
+from agent_core.executor import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Exit, Found, Owner, SavedLogs, State
 
 STOPPED_CODE = 137  # what a container ended by `stop` exits with (SIGKILL)
 
@@ -57,7 +57,7 @@ class Container:
 
     def found(self) -> Found:
         return Found(id=self.id, name=self.name, task_id=self.task_id,
-                     service_id=self.labels.get(LABEL_SERVICE, ""), status=self.status,
+                     service_id=self.labels.get(LABEL_SERVICE, ""), state=State(self.status), status=self.status,
                      created=self.created, labels=dict(self.labels))
 
 
@@ -171,7 +171,7 @@ class FakeBackend:
         c.status, c.exit = "exited", exit_
         self._cond.notify_all()
 
-    # --- the DockerExecutor surface ---------------------------------------------------------
+    # --- the Backend surface ----------------------------------------------------------------
 
     def ping(self) -> None:
         self._call("ping")

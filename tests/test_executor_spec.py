@@ -310,7 +310,7 @@ def test_translate_maps_every_third_party_error(raised, expected, status):
     import requests
 
     from agent_core import errors
-    from agent_core.executor import _translate
+    from agent_core.executor.docker import _translate
 
     exc = {
         "read_timeout": lambda: requests.exceptions.ReadTimeout("read timed out"),
@@ -341,7 +341,7 @@ def test_translate_maps_every_third_party_error(raised, expected, status):
 def test_tail_file_keeps_the_last_bytes(tmp_path, limit):
     import random
 
-    from agent_core.executor import _TailFile
+    from agent_core.executor.docker import _TailFile
 
     rng = random.Random(limit)
     data = bytes(rng.randrange(256) for _ in range(20_000))
@@ -355,3 +355,37 @@ def test_tail_file_keeps_the_last_bytes(tmp_path, limit):
     tail.close()
     assert (tmp_path / "log").read_bytes() == (data[-limit:] if limit else b"")
     assert tail.seen == len(data)
+
+
+@pytest.mark.parametrize("word, state", [("created", "CREATED"), ("running", "RUNNING"), ("paused", "PAUSED"),
+                                         ("restarting", "RESTARTING"), ("exited", "EXITED"), ("dead", "EXITED"),
+                                         ("removing", "OTHER"), ("hibernating", "OTHER"), ("", "OTHER")])
+@pytest.mark.parametrize("listed", [False, True])  # inspect gives State as a mapping, list as the word
+def test_docker_status_words_become_neutral_states(word, state, listed):
+    from agent_core.executor import State
+    from agent_core.executor.docker import _found
+
+    found = _found({"Id": "c1", "Name": "/n", "State": word if listed else {"Status": word}})
+    assert (found.state, found.status) == (State[state], word)
+    assert found.state.live == (state in ("RUNNING", "PAUSED", "RESTARTING"))
+
+
+def test_purge_spec_sees_only_the_entry_as_root_without_network(tmp_path):
+    from agent_core.executor.spec import PURGE_MOUNT, PURGE_TASK, purge_spec
+
+    spec = purge_spec("img:1", tmp_path, OWNER)
+    assert spec.binds == (Bind(str(tmp_path), PURGE_MOUNT, readonly=False),)
+    assert spec.entrypoint == ("rm", "-rf", f"{PURGE_MOUNT}/ws") and spec.command == ()
+    assert (spec.user, spec.network_mode, spec.cap_drop, spec.cap_add) == ("0:0", "none", ("ALL",),
+                                                                            ("DAC_OVERRIDE", "FOWNER"))
+    assert OWNER.owns(spec.labels, PURGE_TASK) and spec.name.startswith(container_name(OWNER, "purge-"))
+    assert purge_spec("img:1", tmp_path, OWNER).name != spec.name  # two purges never collide
+
+
+def test_open_backend_connects_on_first_use_only(tmp_path, monkeypatch):
+    from agent_core.executor import DockerBackend, open_backend
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    backend = open_backend(make_cfg(tmp_path), 3)
+    assert isinstance(backend, DockerBackend) and backend.where == "unix:///nonexistent/docker.sock"
+    backend.close()

@@ -4,6 +4,7 @@ function, or under `if TYPE_CHECKING:`, is a deliberate late one and does not co
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "agent_core"
@@ -57,3 +58,10 @@ def test_agent_core_has_no_import_circle():
     graph = module_imports()
     assert {"agent_core.client", "agent_core.scheduler", "agent_core.devserver.routes"} <= set(graph)
     assert cycles(graph) == []
+
+
+def test_only_the_executor_package_names_an_engine_implementation():
+    # everything else types against `Backend` and gets one from `open_backend`
+    named = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                   if p.parent.name != "executor" and re.search(r"\bDocker(Backend|Executor)\b", p.read_text("utf-8")))
+    assert named == []

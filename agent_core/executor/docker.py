@@ -1,15 +1,9 @@
-"""The Docker edge: what a task container looks like, and its lifecycle.
+"""`DockerBackend`: the `Backend` on one docker-py `DockerClient`.
 
-Two halves, as in docker-py itself:
-
-* Pure logic, no Docker calls: `build_spec()` turns the config and one task into a
-  frozen `ContainerSpec` (executor types exactly as protocol.md §5), and
-  `create_kwargs()` turns a spec into the keyword arguments of docker-py's
-  `containers.create`. Both are unit-tested without an engine.
-* `DockerExecutor`, a thin, blocking, thread-safe wrapper over one
-  `docker.DockerClient`: create → start → wait → save_logs → remove, plus stop,
-  listing our containers and inspecting one. It never pulls an image and never
-  calls `containers.run()`.
+A thin, blocking, thread-safe wrapper: create → start → wait → save_logs → remove, plus stop,
+listing our containers and inspecting one. It never pulls an image and never calls
+`containers.run()`. `create_kwargs()` (pure) turns a `ContainerSpec` into the keyword arguments of
+docker-py's `containers.create`.
 
 Every docker/requests exception is translated in one place, `_translate()`:
 connection problems → `DockerUnavailable`, a missing image → `ImageMissing`,
@@ -21,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import platform
 import re
 import threading
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -40,229 +32,25 @@ import urllib3.exceptions
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
-from agent_core import hostpaths
-from agent_core.config import Config, GpuConfig
+from agent_core.config import GpuConfig
 from agent_core.errors import (
-    ConfigError,
     ContainerVanished,
     DiskFull,
     DockerUnavailable,
     ExecutorError,
     ImageMissing,
-    WorkspaceError,
 )
-from agent_core.workspace import WORKSPACE_MOUNT, check_task_id
+from agent_core.executor.backend import Exit, Found, SavedLogs, State
+from agent_core.executor.gpu import gpu_verdict
+from agent_core.executor.spec import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Owner, purge_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "LABEL_MANAGED",
-    "LABEL_SERVICE",
-    "LABEL_AGENT",
-    "LABEL_TASK",
-    "CONTAINER_PREFIX",
-    "Owner",
-    "Bind",
-    "ContainerSpec",
-    "Exit",
-    "Found",
-    "GpuVerdict",
-    "SavedLogs",
-    "DockerExecutor",
-    "build_spec",
-    "container_name",
-    "create_kwargs",
-    "gpu_verdict",
-]
-
-LABEL_MANAGED = "agent-core.managed"
-LABEL_SERVICE = "agent-core.service_id"
-LABEL_AGENT = "agent-core.agent_id"
-LABEL_TASK = "agent-core.task_id"
-CONTAINER_PREFIX = "agent-core-"
-PURGE_TASK = "purge"  # the task label of a clean-up container (see purge)
-PURGE_MOUNT = "/purge"
-NO_NEW_PRIVILEGES = "no-new-privileges"
-HOST_ALIAS = "host.docker.internal"  # what Docker Desktop calls the host; `host-gateway` gives it on Linux
-# The engine's json-file log holds stdout and stderr together, JSON-wrapped line by line
-# (about 1.8x for 100-byte lines). Files of 2 * log_max_bytes, three of them, keep the last
-# 4-6 * log_max_bytes of JSON per container: enough, usually, for log_max_bytes of each stream,
-# and a bound on the disk a flooding task can use.
-LOG_MAX_FILES = 3
-LOG_FILE_FACTOR = 2
-MIN_LOG_FILE_BYTES = 1024 * 1024
-
-_RESERVED_LABELS = frozenset({LABEL_MANAGED, LABEL_SERVICE, LABEL_AGENT, LABEL_TASK})
 _DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _COPY_CHUNK = 64 * 1024
-
-
-# --- pure: names and specs --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Whose a container is: one service, and one agent of it (named by its data dir).
-
-    Several agents may share an engine: agents of other services, and two agents of one
-    service with two data dirs. A container is ours only when every label says so (`owns`);
-    anything else on the engine is never adopted, stopped or removed.
-    """
-
-    service_id: str
-    agent_id: str
-
-    @classmethod
-    def of(cls, service_id: str, data_dir: Path | str) -> Owner:
-        real = os.path.realpath(os.fspath(data_dir))
-        return cls(str(service_id), hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16])
-
-    @property
-    def key(self) -> str:
-        """12 hex digits that make a container name unique per service and agent."""
-        return hashlib.sha256(f"{self.service_id}\0{self.agent_id}".encode()).hexdigest()[:12]
-
-    def labels(self, task_id: str) -> dict[str, str]:
-        return {LABEL_MANAGED: "true", LABEL_SERVICE: self.service_id, LABEL_AGENT: self.agent_id,
-                LABEL_TASK: task_id}
-
-    def owns(self, labels: Mapping[str, str] | None, task_id: str | None = None) -> bool:
-        """Every label ours (and the task's, when given)."""
-        labels = labels or {}
-        return (labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_SERVICE) == self.service_id
-                and labels.get(LABEL_AGENT) == self.agent_id
-                and (task_id is None or labels.get(LABEL_TASK) == task_id))
-
-    def filters(self) -> list[str]:
-        """The engine-side label filter for `owns` (re-checked here: never trust one side alone)."""
-        return [f"{LABEL_MANAGED}=true", f"{LABEL_SERVICE}={self.service_id}", f"{LABEL_AGENT}={self.agent_id}"]
-
-
-def container_name(owner: Owner, task_id: str) -> str:
-    """`agent-core-<owner key>-<task id>`; raises UnsafePath for an id that could not be a name."""
-    return f"{CONTAINER_PREFIX}{owner.key}-{check_task_id(task_id)}"
-
-
-@dataclass(frozen=True)
-class Bind:
-    """A host path bind-mounted into the container (never created if missing)."""
-
-    host: str
-    container: str
-    readonly: bool
-
-
-@dataclass(frozen=True)
-class ContainerSpec:
-    """Everything needed to create one task container. Unknown options are a TypeError."""
-
-    name: str
-    image: str
-    entrypoint: tuple[str, ...] | None
-    command: tuple[str, ...] | None
-    working_dir: str
-    environment: Mapping[str, str]
-    labels: Mapping[str, str]
-    binds: tuple[Bind, ...]
-    mem_limit: int | None = None
-    nano_cpus: int | None = None
-    pids_limit: int | None = None
-    network_mode: str = "none"
-    user: str | None = None
-    read_only: bool = False
-    tmpfs: Mapping[str, str] = field(default_factory=dict)
-    cap_drop: tuple[str, ...] = ("ALL",)
-    cap_add: tuple[str, ...] = ()
-    security_opt: tuple[str, ...] = (NO_NEW_PRIVILEGES,)
-    log_max_size: int = 10 * 1024 * 1024
-    log_max_files: int = LOG_MAX_FILES
-    gpu_driver: str | None = None  # set: request GPUs through this device driver
-    gpu_device_ids: tuple[str, ...] = ()  # with gpu_driver: () = every GPU
-    extra_hosts: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # Read-only views, so a spec cannot change after it was built.
-        for name in ("environment", "labels", "tmpfs", "extra_hosts"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
-        for name in ("entrypoint", "command"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(value))
-        for name in ("binds", "cap_drop", "cap_add", "security_opt", "gpu_device_ids"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if NO_NEW_PRIVILEGES not in self.security_opt:
-            object.__setattr__(self, "security_opt", self.security_opt + (NO_NEW_PRIVILEGES,))
-
-    @property
-    def task_id(self) -> str:
-        return self.labels.get(LABEL_TASK, "")
-
-
-def check_mounts(cfg: Config) -> None:
-    """Every `[[paths.mounts]]` host path must exist (Docker would make a missing one, empty and root-owned)."""
-    for i, mount in enumerate(cfg.paths.mounts):
-        if not Path(mount.host).exists():
-            raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {mount.host} does not exist")
-
-
-def build_spec(cfg: Config, *, task_id: str, workspace: Path, owner: Owner,
-               extra_labels: Mapping[str, str] | None = None) -> ContainerSpec:
-    """The container for one task, following the executor contract (protocol.md §5)."""
-    ex = cfg.executor
-    name = container_name(owner, task_id)
-
-    entrypoint: tuple[str, ...] | None = None
-    command: tuple[str, ...] | None = None
-    if ex.executor_type == "bash":
-        entrypoint = ("bash", ex.effective_script_path)
-    elif ex.executor_type == "python":
-        entrypoint = ("python", ex.effective_script_path)
-    elif ex.executor_type == "custom":
-        # no custom_entrypoint: the image's own ENTRYPOINT, with custom_args as its CMD
-        entrypoint = ex.custom_entrypoint or None
-        command = ex.custom_args
-    elif ex.executor_type != "standard":
-        raise ConfigError(f"{cfg.path}: executor.executor_type: unknown type {ex.executor_type!r}")
-
-    workspace = Path(workspace).absolute()
-    if not workspace.is_dir():
-        raise WorkspaceError(f"workspace {workspace} does not exist or is not a directory")
-    check_mounts(cfg)
-    binds = [Bind(hostpaths.bind_source(workspace), WORKSPACE_MOUNT, readonly=False)]
-    binds += [Bind(hostpaths.bind_source(Path(m.host)), m.container, readonly=m.readonly) for m in cfg.paths.mounts]
-
-    labels: dict[str, str] = {}
-    for key, value in (extra_labels or {}).items():
-        if key in _RESERVED_LABELS:
-            raise ValueError(f"label {key} is set by agent-core itself")
-        labels[str(key)] = str(value)
-    labels.update(owner.labels(task_id))
-
-    return ContainerSpec(
-        name=name,
-        image=ex.image,
-        entrypoint=entrypoint,
-        command=command,
-        working_dir=ex.working_dir,
-        environment={"TASK_ID": task_id, "TIMEOUT": str(ex.timeout_secs)},
-        labels=labels,
-        binds=tuple(binds),
-        mem_limit=ex.memory_bytes or None,
-        nano_cpus=int(round(ex.cpus * 1e9)) or None,
-        pids_limit=ex.pids_limit or None,
-        network_mode=ex.network_mode,
-        user=ex.user or None,
-        read_only=ex.read_only,
-        tmpfs={"/tmp": "rw,nosuid,nodev,mode=1777"} if ex.read_only else {},
-        cap_drop=tuple(ex.cap_drop),
-        cap_add=tuple(ex.cap_add),
-        security_opt=(NO_NEW_PRIVILEGES,),
-        log_max_size=max(LOG_FILE_FACTOR * cfg.limits.log_max_bytes, MIN_LOG_FILE_BYTES),
-        log_max_files=LOG_MAX_FILES,
-        gpu_driver=ex.gpu.vendor if ex.gpu else None,
-        gpu_device_ids=(ex.gpu.device_ids or ()) if ex.gpu else (),
-        extra_hosts={HOST_ALIAS: "host-gateway"} if ex.enable_host_access else {},
-    )
+# Docker's State.Status words; "dead" (a removal that failed) has ended too
+_STATES = {"created": State.CREATED, "running": State.RUNNING, "paused": State.PAUSED,
+           "restarting": State.RESTARTING, "exited": State.EXITED, "dead": State.EXITED}
 
 
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -313,73 +101,7 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     return kwargs
 
 
-@dataclass(frozen=True)
-class GpuVerdict:
-    """The start-up GPU precheck's decision: level is "ok", "warn" or "refuse"."""
-
-    level: str
-    message: str
-
-
-def gpu_verdict(gpu: GpuConfig | None, engine_info: Mapping[str, Any], os_name: str) -> GpuVerdict:
-    """Decide from `docker info` and `platform.system()` whether configured GPUs can work.
-
-    Linux may still get GPUs without a registered "nvidia" runtime (the toolkit's hook serves
-    `--gpus` too), so there it is a warning; Docker Desktop on macOS or Windows has nothing
-    else to offer, so there the agent refuses to start rather than fail every task.
-    """
-    if gpu is None:
-        return GpuVerdict("ok", "no GPUs configured")
-    runtimes = sorted((engine_info.get("Runtimes") or {}).keys())
-    wanted = f"GPUs {gpu.devices}"
-    if gpu.vendor in runtimes:
-        return GpuVerdict("ok", f"{gpu.vendor} runtime present ({wanted})")
-    missing = (f"executor.gpu: the Docker engine has no {gpu.vendor} runtime "
-               f"(runtimes: {', '.join(runtimes) or 'none'})")
-    if os_name == "Linux":
-        return GpuVerdict("warn", f"{missing}; GPU tasks may fail: install the NVIDIA Container Toolkit, "
-                                  "run `nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
-    return GpuVerdict("refuse", f"{missing} and none can be added on {os_name}: run the agent on a Linux "
-                                "host with the NVIDIA Container Toolkit (or in WSL 2 with Docker's GPU "
-                                "support), or remove executor.gpu")
-
-
-# --- results ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-    oom_killed: bool
-
-
-@dataclass(frozen=True)
-class Found:
-    """One container as the engine reports it; status is Docker's (created, running, exited, ...)."""
-
-    id: str
-    name: str
-    task_id: str
-    service_id: str
-    status: str
-    created: float
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    def owned_by(self, owner: Owner, task_id: str | None = None) -> bool:
-        return owner.owns(self.labels, task_id)
-
-
-@dataclass(frozen=True)
-class SavedLogs:
-    """Bytes the engine gave for each stream; a file holds at most the last max_bytes of them."""
-
-    stdout_bytes: int
-    stderr_bytes: int
-    max_bytes: int
-
-    @property
-    def truncated(self) -> bool:
-        return self.stdout_bytes > self.max_bytes or self.stderr_bytes > self.max_bytes
+# --- what the engine reports -------------------------------------------------
 
 
 def _parse_created(value: Any) -> float:
@@ -408,11 +130,11 @@ def _found(attrs: Mapping[str, Any]) -> Found:
         name=name.lstrip("/"),
         task_id=labels.get(LABEL_TASK, ""),
         service_id=labels.get(LABEL_SERVICE, ""),
+        state=_STATES.get(status, State.OTHER),
         status=status,
         created=_parse_created(attrs.get("Created")),
         labels=MappingProxyType({str(k): str(v) for k, v in labels.items()}),
     )
-
 
 # --- the one place where docker/requests exceptions become ours -------------
 
@@ -514,10 +236,11 @@ class _TailFile:
         self.size = self.limit
 
 
-# --- the executor -----------------------------------------------------------
+
+# --- the backend --------------------------------------------------------------
 
 
-class DockerExecutor:
+class DockerBackend:
     """Blocking container lifecycle calls; safe to use from one thread per task.
 
     The client is made on first use (so an engine that is down at start-up is a
@@ -648,7 +371,7 @@ class DockerExecutor:
             if not existing.owned_by(owner, spec.task_id):
                 raise ExecutorError(f"container name {spec.name} is taken by a container that is not this "
                                     f"agent's ({existing.id[:12]}): left alone; remove it if it is stale")
-            if existing.status == "running":
+            if existing.state is State.RUNNING:
                 log.info("adopting running container %s (%s) for task %s", spec.name, existing.id[:12],
                          spec.task_id)
                 return existing.id
@@ -701,7 +424,7 @@ class DockerExecutor:
         except ExecutorError as e:
             log.warning("stop %s failed (%s); killing it", container_id[:12], e)
         found = self.inspect(container_id)
-        if found is None or found.status not in ("running", "paused", "restarting"):
+        if found is None or not found.state.live:
             return
         try:
             with self._do(f"kill container {container_id}"):
@@ -749,18 +472,8 @@ class DockerExecutor:
         return SavedLogs(stdout_bytes=seen[0], stderr_bytes=seen[1], max_bytes=max_bytes)
 
     def purge(self, image: str, entry: Path, owner: Owner) -> None:
-        """Delete `entry`/ws as root inside a throw-away container of `image` that sees only `entry`.
-
-        For an agent that is not root: a task container (root inside) can leave files that only
-        root may delete. The container has no network, every capability dropped but the two that
-        let root ignore file modes, and is removed afterwards. Raises ExecutorError on failure.
-        """
-        spec = ContainerSpec(
-            name=container_name(owner, f"purge-{os.urandom(6).hex()}"), image=image,
-            entrypoint=("rm", "-rf", f"{PURGE_MOUNT}/ws"), command=(), working_dir="/", environment={},
-            labels=owner.labels(PURGE_TASK), binds=(Bind(hostpaths.bind_source(entry), PURGE_MOUNT, False),),
-            pids_limit=64, network_mode="none", user="0:0", cap_drop=("ALL",),
-            cap_add=("DAC_OVERRIDE", "FOWNER"), log_max_size=MIN_LOG_FILE_BYTES)
+        """Delete `entry`/ws as root in a `purge_spec` container, removed afterwards; ExecutorError on failure."""
+        spec = purge_spec(image, entry, owner)
         client = self._api()
         with self._do(f"create container {spec.name}", image=image, missing=ExecutorError):
             container_id = client.containers.create(**create_kwargs(spec)).id
@@ -801,7 +514,7 @@ class DockerExecutor:
             with contextlib.suppress(Exception):
                 client.close()
 
-    def __enter__(self) -> DockerExecutor:
+    def __enter__(self) -> DockerBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
