@@ -43,17 +43,16 @@ class Janitor:
             remove_workspace(path)
             return
         except AgentError as e:
-            first_error = e
+            error = e
         entry = self._move_aside(path)
         if entry is None:
-            log.error("cannot remove %s, nor move it aside (tried again at the next start): %s",
-                      path, first_error)
+            log.error("cannot remove %s, nor move it aside (tried again at the next start): %s", path, error)
             return
-        log.warning("cannot remove %s (%s); moved it to %s", path, first_error, entry)
-        self._empty(entry)
+        log.warning("cannot remove %s (%s); moved it to %s", path, error, entry)
+        self._purge_or_report(entry, error)  # removing it again would only fail again
 
     def sweep(self) -> None:
-        """Try every entry of trash/ again (at start, in the background)."""
+        """Try every entry of trash/ again (at start)."""
         try:
             entries = sorted(self.trash.iterdir())
         except FileNotFoundError:
@@ -62,7 +61,10 @@ class Janitor:
             log.error("cannot read %s: %s", self.trash, e)
             return
         for entry in entries:
-            self._empty(entry)
+            try:
+                remove_workspace(entry)
+            except AgentError as e:
+                self._purge_or_report(entry, e)
 
     def _move_aside(self, path: Path) -> Path | None:
         try:
@@ -74,12 +76,8 @@ class Janitor:
         except OSError:
             return None
 
-    def _empty(self, entry: Path) -> None:
-        try:
-            remove_workspace(entry)
-            return
-        except AgentError as e:
-            error: AgentError = e
+    def _purge_or_report(self, entry: Path, error: AgentError) -> None:
+        """A trash entry our own removal could not empty: a root container's turn, else a log line."""
         if self._purge is not None and (entry / _PURGED_NAME).exists():
             with self._lock:
                 try:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Network modes every engine has; anything else must exist as a named network.
 _BUILTIN_NETWORKS = ("none", "host", "default")
 _MAX_ACCOUNT_FILE = 1024 * 1024
+_PASSWD, _GROUP = "/etc/passwd", "/etc/group"
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,11 @@ def user_problem(user: str, image: str, passwd: str | None, group: str | None) -
     return None
 
 
-def _read(executor: Backend, image: str, path: str) -> str | None:
-    data = executor.image_file(image, path, _MAX_ACCOUNT_FILE)
-    if data is None:
+def _text(archive: bytes | None) -> str | None:
+    """The one regular file in a tar archive of one path, as text; None without one."""
+    if archive is None:
         return None
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         member = next((m for m in tar.getmembers() if m.isfile()), None)
         f = tar.extractfile(member) if member else None
         return f.read().decode("utf-8", "replace") if f else None
@@ -107,8 +108,8 @@ def check(cfg: Config, executor: Backend) -> Problem | None:
         if mode not in _BUILTIN_NETWORKS and not mode.startswith("container:") and executor.network(mode) is None:
             return _network(mode)
         if ex.user and not all(part.isdigit() for part in ex.user.split(":") if part):
-            return user_problem(ex.user, ex.image, _read(executor, ex.image, "/etc/passwd"),
-                                _read(executor, ex.image, "/etc/group"))
+            files = executor.image_files(ex.image, (_PASSWD, _GROUP), _MAX_ACCOUNT_FILE)
+            return user_problem(ex.user, ex.image, _text(files[_PASSWD]), _text(files[_GROUP]))
     except DockerUnavailable as e:
         return Problem("engine", str(e), "start the engine, or point DOCKER_HOST at it")
     except (ExecutorError, tarfile.TarError) as e:

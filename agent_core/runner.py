@@ -151,12 +151,15 @@ class TaskRunner:
         with self._save_lock:
             if stage is not None:
                 self.record.stage = stage
-            try:
-                self.deps.journal.save(self.record)
-            except JournalError as e:
-                self.log.error("task %s: %s (going on without it)", self.task_id, e)
-                self.deps.journal_failed(e)
+            self._journaled(lambda: self.deps.journal.save(self.record))
         self.deps.changed()
+
+    def _journaled(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except JournalError as e:
+            self.log.error("task %s: %s (going on without it)", self.task_id, e)
+            self.deps.journal_failed(e)
 
     def _phase(self, name: str) -> None:
         self.phase, self.stage_since = name, time.time()
@@ -168,14 +171,13 @@ class TaskRunner:
 
     def live(self) -> dict:
         """This task for the status file: timestamps, not ages (`status` computes those)."""
-        progress = dict(self._progress)
-        current = self._downloading
-        if current is not None:
+        with self._lock:
+            progress, current = dict(self._progress), self._downloading
+        if current is not None:  # "down_bytes" counts the finished files; add the one on its way
             try:
-                progress["down_bytes"] = progress.get("down_done", 0) + os.lstat(current).st_size
+                progress["down_bytes"] += os.lstat(current).st_size
             except OSError:
                 pass
-        progress.pop("down_done", None)
         return {"id": self.task_id, "stage": self.phase, "started_at": self.started,
                 "stage_since": self.stage_since, "container": (self.record.container_id or "")[:12] or None,
                 "progress": progress}
@@ -228,7 +230,7 @@ class TaskRunner:
         if ws.exists():  # a crash during an earlier attempt: start the staging again
             self.deps.janitor.dispose(ws.root)
         ws.create()
-        self._progress = {"down_done": 0, "down_bytes": 0, "down_total": declared}
+        self._progress = {"down_bytes": 0, "down_total": declared}
         local_paths = []
         try:
             for index, f in enumerate(task.input_files, start=1):
@@ -238,10 +240,12 @@ class TaskRunner:
                 self._downloading = path
                 try:
                     size = self._download(f.id, path)
-                finally:
+                except BaseException:
                     self._downloading = None
-                self._progress["down_done"] += size
-                self._progress["down_bytes"] = self._progress["down_done"]
+                    raise
+                with self._lock:  # one step for status: the file moves from "on its way" to done
+                    self._progress["down_bytes"] += size
+                    self._downloading = None
                 local_paths.append(rel)
         except WorkspaceError:
             self.deps.janitor.dispose(ws.input_dir)  # a partial input must not keep the disk full
@@ -434,11 +438,7 @@ class TaskRunner:
             raise
         with self._save_lock:
             self.record.uploads[out.rel] = result.file_id
-        try:
-            self.deps.journal.add_upload(self.task_id, out.rel, result.file_id)
-        except JournalError as e:
-            self.log.error("task %s: %s (going on without it)", self.task_id, e)
-            self.deps.journal_failed(e)
+        self._journaled(lambda: self.deps.journal.add_upload(self.task_id, out.rel, result.file_id))
         self.deps.changed()
         return None
 

@@ -179,7 +179,7 @@ class Scheduler:
         backoff = Backoff()
         interval = self.cfg.server.poll_interval_secs
         while self.step == RUNNING:
-            self._disk_ok()  # status names low disk even while no task is offered
+            self._disk_ok()  # once per poll: decides intake (_can_take_work) and what status says
             try:
                 result = self.client.poll(self.load, self.capacity, interrupt=self._stopping)
             except AuthRejected as e:
@@ -259,9 +259,8 @@ class Scheduler:
         return self.load < self.capacity
 
     def _can_take_work(self) -> bool:
-        if not self._engine_ok.is_set() or self._paused is not None:
-            return False
-        return self._disk_ok()
+        # the disk was checked before this poll (_supervise); a journal failure since then counts too
+        return self._engine_ok.is_set() and self._paused is None and self._disk_low is None
 
     def _disk_ok(self) -> bool:
         """Room on the data dir's disk (and for the journal); `status` shows why not."""

@@ -13,7 +13,6 @@ pulls). Without an engine a test is skipped, except with CI=true, where it fails
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
@@ -22,6 +21,8 @@ from typing import Iterator
 
 import docker
 import pytest
+
+from tests.helpers import in_ci, skip_or_fail_in_ci
 
 __all__ = [
     "BUSYBOX_IMAGE",
@@ -45,14 +46,8 @@ SERVICE_LABEL = "agent-core.service_id"
 SCRIPT_TIMEOUT_SECS = 1200  # a cold debootstrap of the python image takes about a minute here
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def _unavailable(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"Docker is required with CI=true: {reason}", pytrace=False)
-    pytest.skip(f"Docker not available: {reason}")
+    skip_or_fail_in_ci(f"Docker {'is required with CI=true' if in_ci() else 'not available'}: {reason}")
 
 
 def _run_docker_env(*args: str) -> None:

@@ -184,9 +184,9 @@ class FakeBackend:
         self._call("network", name)
         return {"Name": name}
 
-    def image_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
-        self._call("image_file", path)
-        return None
+    def image_files(self, image: str, paths: tuple[str, ...], max_bytes: int) -> dict[str, bytes | None]:
+        self._call("image_files", image)
+        return dict.fromkeys(paths)
 
     def create(self, spec: ContainerSpec, owner: Owner) -> str:
         self._call("create", spec.task_id)

@@ -24,6 +24,7 @@ import pytest
 from agent_core.devclient import DevClient
 from agent_core.executor import LABEL_SERVICE
 from tests.agent_fixtures import REPO, Agent, wait_until
+from tests.helpers import skip_or_fail_in_ci
 from tests.test_reliability import calls_for, container_status, read_output
 from tests.test_run import DONE, finish, sh
 
@@ -151,11 +152,11 @@ def _nonroot_user() -> tuple[str, str, dict[str, str]]:
     """A system user in the docker group (made if missing), a python it can run and the
     environment that finds agent-core there; skips where that cannot be."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to make a non-root user")
+        skip_or_fail_in_ci("needs root to make a non-root user")
     try:
         grp.getgrnam("docker")
     except KeyError:
-        pytest.skip("no docker group on this host")
+        skip_or_fail_in_ci("no docker group on this host")
     try:
         pwd.getpwnam(NONROOT_USER)
     except KeyError:
@@ -174,7 +175,7 @@ def _nonroot_user() -> tuple[str, str, dict[str, str]]:
             continue
         if probe.returncode == 0:
             return NONROOT_USER, python, env
-    pytest.skip(f"no python that {NONROOT_USER} may run finds agent-core and its packages")
+    skip_or_fail_in_ci(f"no python that {NONROOT_USER} may run finds agent-core and its packages")
 
 
 def test_a_non_root_agent_survives_root_owned_leftovers(dev_server, dev_client, busybox_image, docker_cleanup,

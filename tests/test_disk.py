@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_fixtures import wait_until
+from tests.helpers import skip_or_fail_in_ci
 from tests.test_reliability import container_status
 from tests.test_run import DONE, finish, sh
 
@@ -25,7 +26,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def small_disk(tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        skip_or_fail_in_ci("mounting a tmpfs needs root")
     where = tmp_path / "small-disk"
     where.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m,mode=0755", "tmpfs", str(where)], check=True)

@@ -25,6 +25,7 @@ import pytest
 from agent_core import config
 from agent_core.protocol import InputFile, Task
 from agent_core.workspace import Workspace
+from tests.helpers import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.docker
 
@@ -86,12 +87,6 @@ ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 # --- the test image ---------------------------------------------------------
 
 
-def _fail_or_skip(reason: str) -> None:
-    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def _host_jq() -> Path:
     """The host's jq, installed with apt when it is missing and we may."""
     found = shutil.which("jq")
@@ -103,7 +98,7 @@ def _host_jq() -> Path:
             subprocess.run(install, env=env, capture_output=True, stdin=subprocess.DEVNULL)
         found = shutil.which("jq")
     if found is None:
-        _fail_or_skip("jq is not installed on the host (apt-get install jq), and the test image copies it")
+        skip_or_fail_in_ci("jq is not installed on the host (apt-get install jq), and the test image copies it")
     return Path(found).resolve()
 
 

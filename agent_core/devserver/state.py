@@ -275,11 +275,16 @@ class _Store:
             task.completed_at = _now_iso()
             return {"success": True, "task_id": task.id, "status": status}
 
+    def _task(self, task_id: str) -> _Task:
+        """The task, or 404; the caller holds the lock."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise _not_found("task")
+        return task
+
     def task_for_upload(self, svc: _Service, task_id: str) -> _Task:
         with self.lock:
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise _not_found("task")
+            task = self._task(task_id)
             if task.service_id != svc.id:
                 raise _forbidden("task belongs to another service")
             return task  # status deliberately not checked (uploads after a requeue succeed)
@@ -334,16 +339,12 @@ class _Store:
 
     def get_task(self, task_id: str) -> dict:
         with self.lock:
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise _not_found("task")
+            task = self._task(task_id)
             return task.to_json()
 
     def cancel_task(self, task_id: str) -> dict:
         with self.lock:
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise _not_found("task")
+            task = self._task(task_id)
             if task.status in _TERMINAL:
                 raise _bad_request(f"task already {task.status}")
             if task.status == "pending":
@@ -354,8 +355,7 @@ class _Store:
 
     def list_files(self, task_id: str) -> list[dict]:
         with self.lock:
-            if task_id not in self.tasks:
-                raise _not_found("task")
+            self._task(task_id)
             return [f.to_json() for f in self.files.values() if f.task_id == task_id]
 
     def get_file(self, file_id: str) -> _File:

@@ -85,8 +85,8 @@ class Backend(Protocol):
 
     def image_present(self, image: str) -> bool: ...
 
-    def image_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
-        """A tar archive of `path` in `image` (None when it has no such file); over max_bytes is an error."""
+    def image_files(self, image: str, paths: tuple[str, ...], max_bytes: int) -> dict[str, bytes | None]:
+        """A tar archive of each path in `image` (None where it has no such file); over max_bytes is an error."""
 
     def network(self, name: str) -> dict[str, Any] | None:
         """The engine's description of network `name`; None when it has none."""

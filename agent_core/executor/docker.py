@@ -312,28 +312,32 @@ class DockerBackend:
                 return None
             raise
 
-    def image_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
-        """A tar archive of `path` in `image` (None when the image has no such file), read from a
-        created, never started, container that is removed at once. More than max_bytes is an error."""
+    def image_files(self, image: str, paths: tuple[str, ...], max_bytes: int) -> dict[str, bytes | None]:
+        """A tar archive of each path in `image` (None where the image has no such file), read from
+        one created, never started, container that is removed at once. Over max_bytes is an error."""
         client = self._api()
         with self._do(f"create a container of {image}", image=image, missing=ExecutorError):
             container_id = client.api.create_container(image, entrypoint=["/nonexistent"], network_disabled=True,
                                                        host_config=client.api.create_host_config(
                                                            network_mode="none"))["Id"]
         try:
-            try:
-                with self._do(f"read {path} from {image}"):
-                    stream, _ = client.api.get_archive(container_id, path)
-                    data = bytearray()
-                    for chunk in stream:
-                        data += chunk
-                        if len(data) > max_bytes:
-                            raise ExecutorError(f"{path} in {image} is larger than {max_bytes} bytes")
-                    return bytes(data)
-            except ContainerVanished:  # the 404 of a missing path
-                return None
+            return {path: self._archive(client, container_id, image, path, max_bytes) for path in paths}
         finally:
             self.remove(container_id)
+
+    def _archive(self, client: docker.DockerClient, container_id: str, image: str, path: str,
+                 max_bytes: int) -> bytes | None:
+        try:
+            with self._do(f"read {path} from {image}"):
+                stream, _ = client.api.get_archive(container_id, path)
+                data = bytearray()
+                for chunk in stream:
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise ExecutorError(f"{path} in {image} is larger than {max_bytes} bytes")
+                return bytes(data)
+        except ContainerVanished:  # the 404 of a missing path
+            return None
 
     def image_present(self, image: str) -> bool:
         client = self._api()
