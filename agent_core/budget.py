@@ -10,12 +10,15 @@ A 429 holds everything but heartbeats, budget or not (limit 0 only turns the pac
 The server's `Retry-After` is always 60, yet its window counts only the requests it let
 through, so a 429 spell can end much sooner: the hold lasts until the oldest request on
 our own record leaves the window, when one probe finds out, with Retry-After as the bound.
+
+`Backoff` paces the loops that retry on their own clock (the poll loop, the engine watch).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from typing import Callable
@@ -26,6 +29,20 @@ log = logging.getLogger(__name__)
 PRIORITY = {"heartbeat": 0, "complete": 1, "upload": 2, "accept": 3, "download": 4, "poll": 5, "register": 5}
 MIN_PROBE = 1.0  # after a 429, never ask again sooner: a wrong guess costs one refusal a second
 MAX_PAUSE = 120.0  # whatever Retry-After a hostile server sends
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for loops that retry on their own (outside tenacity)."""
+
+    def __init__(self, initial: float = 1.0, cap: float = 60.0):
+        self.initial, self.cap, self.failures = initial, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(self.initial, min(self.cap, self.initial * 2 ** self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 class Aborted(Exception):

@@ -19,6 +19,7 @@ from agent_core import __version__, logs, process
 from agent_core import config as configmod
 from agent_core.client import Client
 from agent_core.errors import AgentError, NotRunning, UsageError
+from agent_core.livestatus import LiveStatus, TaskEntry, age
 
 log = logging.getLogger("agent_core")
 
@@ -146,35 +147,8 @@ def _register(cfg: configmod.Config, token: str | None, name: str | None = None)
     return configmod.load(cfg.path)  # its warnings were said when it was first loaded
 
 
-def with_ages(live: dict[str, Any], now: float) -> dict[str, Any]:
-    """The daemon's status with every age computed now from its timestamps (a stored age is stale)."""
-    def age(ts: Any) -> float | None:
-        return round(max(0.0, now - ts), 1) if isinstance(ts, (int, float)) and ts > 0 else None
-
-    out = dict(live)
-    for key in ("started_at", "last_poll", "last_heartbeat", "stop_requested_at"):
-        if age(live.get(key)) is not None:
-            out[f"{key.removesuffix('_at')}_age_secs"] = age(live.get(key))
-    tasks = []
-    for task in live.get("tasks") or []:
-        task = dict(task)
-        if age(task.get("started_at")) is not None:
-            task["age_secs"] = age(task["started_at"])
-        if age(task.get("stage_since")) is not None:
-            task["stage_age_secs"] = age(task["stage_since"])
-        tasks.append(task)
-    if "tasks" in live:
-        out["tasks"] = tasks
-    errors = live.get("errors")
-    if isinstance(errors, dict):
-        out["errors"] = {kind: {**e, "age_secs": age(e.get("at"))} for kind, e in errors.items()
-                         if isinstance(e, dict)}
-    return out
-
-
-def _status(cfg: configmod.Config) -> dict[str, Any]:
+def _status(cfg: configmod.Config, live: LiveStatus | None, now: float) -> dict[str, Any]:
     ex = cfg.executor
-    live = process.read_status(cfg.paths.data_dir)
     return {
         "config": str(cfg.path),
         "data_dir": str(cfg.paths.data_dir),
@@ -186,21 +160,21 @@ def _status(cfg: configmod.Config) -> dict[str, Any]:
         "executor": {"executor_type": ex.executor_type, "image": ex.image, "capacity": ex.capacity,
                      "timeout_minutes": ex.timeout_minutes, "memory_limit": ex.memory_limit,
                      "network_mode": ex.network_mode},
-        "daemon": {"running": live is not None, **with_ages(live or {}, time.time())},
+        "daemon": {"running": live is not None, **(live.with_ages(now) if live is not None else {})},
         "warnings": process.same_service_elsewhere(cfg),
     }
 
 
-def _secs(value: Any) -> str:
-    return f"{value:.0f} s" if isinstance(value, (int, float)) else "?"
+def _secs(value: float | None) -> str:
+    return f"{value:.0f} s" if value is not None else "?"
 
 
 def _mib(n: Any) -> str:
     return f"{n / 1024**2:.1f}" if isinstance(n, (int, float)) else "?"
 
 
-def _progress(p: dict[str, Any]) -> str:
-    """ "down 1.0/2.0 MiB, up 1/3 files 0.5/1.2 MiB" from a task's progress dict (parts may be absent)."""
+def _progress(p: dict[str, int]) -> str:
+    """ "down 1.0/2.0 MiB, up 1/3 files 0.5/1.2 MiB" from a task's progress (parts may be absent)."""
     parts = []
     if p.get("down_total") or p.get("down_bytes"):
         parts.append(f"down {_mib(p.get('down_bytes', 0))}/{_mib(p.get('down_total'))} MiB")
@@ -210,43 +184,51 @@ def _progress(p: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _task_line(t: dict[str, Any]) -> str:
-    stage = f"{_secs(t.get('age_secs')):>7}"
-    if t.get("stage_age_secs") is not None:
-        stage += f" (stage {_secs(t['stage_age_secs'])})"
-    progress = _progress(t.get("progress") or {}) if isinstance(t.get("progress"), dict) else ""
-    return (f"  {t.get('id', '?')}  {t.get('stage', '?'):<11} {stage}  {progress + '  ' if progress else ''}"
-            f"container {t.get('container') or '-'}")
+def _task_line(t: TaskEntry, now: float) -> str:
+    stage = f"{_secs(t.age(now)):>7}"
+    if age(t.stage_since, now) is not None:
+        stage += f" (stage {_secs(age(t.stage_since, now))})"
+    progress = _progress(t.progress)
+    return (f"  {t.id}  {t.stage:<11} {stage}  {progress + '  ' if progress else ''}"
+            f"container {t.container or '-'}")
 
 
-def _daemon_lines(daemon: dict[str, Any], name: str) -> list[tuple[str, str]]:
-    state = daemon.get("state") or "starting"
-    reason = f": {daemon['reason']}" if daemon.get("reason") else ""
-    lines = [("daemon", f"running (pid {daemon.get('pid')}, {state}{reason})")]
-    if daemon.get("name") and daemon["name"] != name:
-        lines.append(("runs as", f"{daemon['name']} (the name when it started)"))
-    if daemon.get("started_age_secs") is not None:
-        lines.append(("up", _secs(daemon["started_age_secs"])))
-    if "engine_ok" in daemon:
-        lines.append(("engine", "reachable" if daemon["engine_ok"] else "NOT reachable (no new tasks)"))
-    requests = daemon.get("requests") or {}
+def _engine_line(live: LiveStatus) -> str | None:
+    """The engine as last reached ("docker 20.10.24 at unix://..."), or that it is not reachable now."""
+    if live.engine_ok is None:  # a daemon that does not say
+        return None
+    if not live.engine_ok:
+        where = f" at {live.engine.where}" if live.engine else ""
+        return f"NOT reachable{where} (no new tasks)"
+    return live.engine.line if live.engine else "reachable"
+
+
+def _daemon_lines(live: LiveStatus, name: str, now: float) -> list[tuple[str, str]]:
+    reason = f": {live.reason}" if live.reason else ""
+    lines = [("daemon", f"running (pid {live.pid}, {live.state_name}{reason})")]
+    if live.name and live.name != name:
+        lines.append(("runs as", f"{live.name} (the name when it started)"))
+    if age(live.started_at, now) is not None:
+        lines.append(("up", _secs(age(live.started_at, now))))
+    engine = _engine_line(live)
+    if engine is not None:
+        lines.append(("engine", engine))
+    requests = live.requests
     if requests.get("limit_per_minute"):
-        lines.append(("requests", f"{requests['sent_last_window']} in the last minute of "
+        lines.append(("requests", f"{requests.get('sent_last_window', '?')} in the last minute of "
                                   f"{requests['limit_per_minute']}/min "
-                                  f"({requests['heartbeat_reserve']} kept for heartbeats)"))
-    for key in ("last_poll", "last_heartbeat"):
-        if daemon.get(f"{key}_age_secs") is not None:
-            lines.append((key.replace("_", " "), f"{_secs(daemon[f'{key}_age_secs'])} ago"))
-    for kind, error in (daemon.get("errors") or {}).items():
-        lines.append((f"last {kind} error", f"{_secs(error.get('age_secs'))} ago: {error.get('message', '')}"))
-    tasks = daemon.get("tasks") or []
-    capacity = f" of capacity {daemon['capacity']}" if daemon.get("capacity") else ""
-    lines.append(("tasks", f"{len(tasks)}{capacity}" if tasks else "none running"))
+                                  f"({requests.get('heartbeat_reserve', '?')} kept for heartbeats)"))
+    for label, when in (("last poll", live.last_poll), ("last heartbeat", live.last_heartbeat)):
+        if age(when, now) is not None:
+            lines.append((label, f"{_secs(age(when, now))} ago"))
+    for kind, error in live.errors.items():
+        lines.append((f"last {kind} error", f"{_secs(age(error.at, now))} ago: {error.message}"))
+    capacity = f" of capacity {live.capacity}" if live.capacity else ""
+    lines.append(("tasks", f"{len(live.tasks)}{capacity}" if live.tasks else "none running"))
     return lines
 
 
-def _print_status(data: dict[str, Any]) -> None:
-    daemon = data["daemon"]
+def _print_status(data: dict[str, Any], live: LiveStatus | None, now: float) -> None:
     ex = data["executor"]
     timeout = f"{ex['timeout_minutes']:g} min" if ex["timeout_minutes"] else "none"
     lines = [
@@ -259,14 +241,14 @@ def _print_status(data: dict[str, Any]) -> None:
         ("executor", f"{ex['executor_type']}, image {ex['image']}, capacity {ex['capacity']}, "
                      f"timeout {timeout}, memory {ex['memory_limit'] or 'no limit'}, "
                      f"network {ex['network_mode']}"),
-        *(_daemon_lines(daemon, data["name"]) if daemon["running"] else [("daemon", "not running")]),
+        *(_daemon_lines(live, data["name"], now) if live is not None else [("daemon", "not running")]),
         *(("warning", w) for w in data.get("warnings") or []),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         click.echo(f"{key:<{width}}  {value}")
-    for t in (daemon.get("tasks") or []) if daemon["running"] else []:
-        click.echo(_task_line(t))
+    for t in live.tasks if live is not None else ():
+        click.echo(_task_line(t, now))
 
 
 @cli.command()
@@ -275,11 +257,13 @@ def _print_status(data: dict[str, Any]) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the config, the registration, and the running daemon's state, tasks and last errors."""
-    data = _status(_load(ctx))
+    cfg = _load(ctx)
+    live, now = process.read_status(cfg.paths.data_dir), time.time()
+    data = _status(cfg, live, now)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        _print_status(data)
+        _print_status(data, live, now)
 
 
 _log_options = [
@@ -404,27 +388,32 @@ def service() -> None:
 
 _user_option = click.option("--user", is_flag=True,
                             help="A user unit (~/.config/systemd/user), not a system one.")
+_instance_option = click.option("--instance", metavar="NAME",
+                                help="One of several agents on this host: the template agent-core@.service, "
+                                     "running NAME.toml of the config's folder.")
 
 
 @service.command("install")
 @_config_option()
 @_user_option
 @click.option("--print", "print_only", is_flag=True, help="Only print the unit.")
+@_instance_option
 @click.pass_context
-def service_install(ctx: click.Context, user: bool, print_only: bool) -> None:
-    """Write agent-core.service and print how to enable it."""
+def service_install(ctx: click.Context, user: bool, print_only: bool, instance: str | None) -> None:
+    """Write agent-core.service (or agent-core@NAME) and print how to enable it."""
     from agent_core import service as servicemod
 
-    servicemod.install(_load(ctx), user=user, print_only=print_only, say=click.echo)
+    servicemod.install(_load(ctx), user=user, print_only=print_only, say=click.echo, instance=instance)
 
 
 @service.command("uninstall")
 @_user_option
-def service_uninstall(user: bool) -> None:
-    """Remove agent-core.service (and its enable link)."""
+@_instance_option
+def service_uninstall(user: bool, instance: str | None) -> None:
+    """Remove agent-core.service or an agent-core@NAME instance (and its enable link)."""
     from agent_core import service as servicemod
 
-    servicemod.uninstall(user=user, say=click.echo)
+    servicemod.uninstall(user=user, say=click.echo, instance=instance)
 
 
 def main() -> None:

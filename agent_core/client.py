@@ -1,8 +1,9 @@
 """The OpenAaaS agent protocol over HTTP (protocol.md §2): one method per endpoint.
 
 Each call has its own retry policy (tenacity): `register` a few tries, `poll`
-and `heartbeat` none (their loops come round again soon), `accept` and
-`download` a few, `upload` and `complete` until acknowledged or finally refused.
+and `heartbeat` none (their loops come round again soon), `accept` a few,
+`download`, `upload` and `complete` until acknowledged or finally refused (a
+download also until its caller's `cancel` is set: an outage must not fail the task).
 httpx errors become agent_core errors in exactly one place, `_request`.
 Transfers stream in both directions; only per-phase timeouts apply to them.
 An upload can be answered before its body is sent (over the size limit, 429, 408: see
@@ -18,13 +19,11 @@ import email.utils
 import json
 import logging
 import os
-import random
 import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Callable, NamedTuple
 from urllib.parse import quote
 
@@ -36,6 +35,7 @@ from agent_core.budget import Aborted, RequestBudget
 from agent_core.config import Config
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
                                UploadRefused, WorkspaceError)
+from agent_core.lifecycle import Lifecycle
 from agent_core.metrics import Metrics
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration, UploadedFile
 
@@ -53,7 +53,7 @@ TOO_LARGE = re.compile(r"too (large|big)|larger than|exceed|size|limit", re.IGNO
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int | None  # None = until acknowledged, a final refusal, or abort
+    attempts: int | None  # None = until acknowledged, a final refusal, or the exit-now step
     max_wait: float = 30.0
     log_level: int = logging.WARNING  # of each "failed, retrying" line
 
@@ -182,54 +182,43 @@ def _check_reply(reply: _Reply, endpoint: str) -> None:
         _json(reply, endpoint)
 
 
-class Backoff:
-    """Exponential backoff with full jitter, for loops that retry on their own (outside tenacity)."""
-
-    def __init__(self, initial: float = 1.0, cap: float = 60.0):
-        self.initial, self.cap, self.failures = initial, cap, 0
-
-    def next(self) -> float:
-        self.failures += 1
-        return random.uniform(self.initial, min(self.cap, self.initial * 2 ** self.failures))
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 class Client:
     """Talks to one OpenAaaS server as one registered service.
 
-    `abort` cuts retries and budget waits short (the daemon's exit-now step);
-    calls then raise `ServerUnavailable`.
+    The daemon's `lifecycle` cuts retries and budget waits short at its exit-now step; calls
+    then raise `ServerUnavailable`. `metrics` counts failed requests and transferred bytes:
+    the client sees every request. Both default to ones that never exit and record nothing.
     """
 
     def __init__(self, base_url: str, *, service_id: str | None = None, api_key: str | None = None,
                  http: httpx.Client | None = None, budget: RequestBudget | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0, trust_env: bool = False,
-                 abort: threading.Event | None = None, max_reply_bytes: int = MAX_REPLY_BYTES):
+                 lifecycle: Lifecycle | None = None, metrics: Metrics | None = None,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         self.base_url = base_url.rstrip("/")
         self.service_id = service_id
         self._api_key = api_key
         self.max_reply_bytes = max_reply_bytes
         self.budget = budget or RequestBudget(0, 0)
-        self.abort = abort or threading.Event()
+        self._lifecycle = lifecycle or Lifecycle()
+        self._metrics = metrics or Metrics()
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout,
                                 pool=read_timeout)
         self._http = http or httpx.Client(timeout=timeout, trust_env=trust_env,
                                           headers={"User-Agent": f"agent-core/{__version__}"})
         self.last_success: dict[str, float] = {}  # endpoint -> time.time() of the last 2xx
         self._retry_said: dict[str, float] = {}  # endpoint -> when its failures were last logged loud
-        self.metrics = Metrics()  # records nothing; the daemon installs a real one (metrics.start)
 
     @classmethod
-    def from_config(cls, cfg: Config, *, abort: threading.Event | None = None,
+    def from_config(cls, cfg: Config, *, lifecycle: Lifecycle | None = None, metrics: Metrics | None = None,
                     registered: bool = True) -> Client:
         service_id, api_key = cfg.require_registration() if registered else (None, None)
         s = cfg.server
         return cls(cfg.require_server(), service_id=service_id, api_key=api_key,
                    budget=RequestBudget(s.rate_limit_per_minute, s.heartbeat_reserve),
                    connect_timeout=s.connect_timeout_secs, read_timeout=s.read_timeout_secs,
-                   trust_env=s.use_system_proxy, abort=abort, max_reply_bytes=cfg.limits.max_reply_bytes)
+                   trust_env=s.use_system_proxy, lifecycle=lifecycle, metrics=metrics,
+                   max_reply_bytes=cfg.limits.max_reply_bytes)
 
     def close(self) -> None:
         self._http.close()
@@ -264,7 +253,7 @@ class Client:
         if 200 <= status < 300:
             self.last_success[endpoint] = time.time()
             return response
-        self.metrics.error(endpoint)
+        self._metrics.error(endpoint)
         if status in (408, 429) or status >= 500:
             retry_after = _retry_after(response)
             if status == 429:
@@ -276,7 +265,7 @@ class Client:
                   endpoint=endpoint, status=status)
 
     def _transport_error(self, exc: httpx.HTTPError, endpoint: str) -> ServerUnavailable:
-        self.metrics.error(endpoint)
+        self._metrics.error(endpoint)
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, httpx.TimeoutException):
             reason = f"timed out ({exc.__class__.__name__})"
@@ -296,17 +285,22 @@ class Client:
         raise ProtocolViolation(f"{endpoint}: reply larger than limits.max_reply_bytes ({cap} bytes)",
                                 endpoint=endpoint, status=response.status_code)
 
+    def _take_slot(self, kind: str, interrupt: threading.Event | None) -> None:
+        """Wait for a budget slot; `interrupt` (a poll nobody needs any more, a cancelled task's
+        download) gives up waiting when set, as the exit-now step does."""
+        try:
+            self.budget.acquire(kind, self._lifecycle.exiting, interrupt)
+        except Aborted:
+            why = "the agent is exiting" if self._lifecycle.exiting.is_set() else "no longer wanted"
+            raise ServerUnavailable(f"{kind}: abandoned, {why}", endpoint=kind) from None
+
     def _request(self, kind: str, method: str, url: str, *, interrupt: threading.Event | None = None,
                  **kwargs: Any) -> _Reply:
         """One attempt: take a budget slot, send, read the reply and translate every failure.
 
-        `interrupt` gives up waiting for a budget slot when set (a poll nobody needs any more).
         Leaving the stream early (an error, a reply over the cap) closes the connection.
         """
-        try:
-            self.budget.acquire(kind, self.abort, interrupt)
-        except Aborted:
-            raise ServerUnavailable(f"{kind}: abandoned, the agent is exiting", endpoint=kind) from None
+        self._take_slot(kind, interrupt)
         started = time.monotonic()
         try:
             with self._http.stream(method, url, **kwargs) as response:
@@ -320,7 +314,7 @@ class Client:
                       (time.monotonic() - started) * 1000, error)
             raise error from None
 
-    def _retrying(self, kind: str, policy: RetryPolicy) -> tenacity.Retrying:
+    def _retrying(self, kind: str, policy: RetryPolicy, cancel: threading.Event | None) -> tenacity.Retrying:
         # not wait_exponential_jitter: its `initial` is deprecated in tenacity 9, its replacement missing in 8
         backoff = tenacity.wait_exponential(multiplier=0.5, max=policy.max_wait) + tenacity.wait_random(0, 1.0)
 
@@ -341,18 +335,23 @@ class Client:
             log.log(policy.log_level if loud else logging.DEBUG, "%s failed (attempt %d): %s; retrying in %.1f s",
                     kind, state.attempt_number, exc, state.next_action.sleep if state.next_action else 0)
 
+        def cut_short(state: tenacity.RetryCallState) -> bool:
+            return self._lifecycle.exiting.is_set() or (cancel is not None and cancel.is_set())
+
         stop = tenacity.stop_never if policy.attempts is None else tenacity.stop_after_attempt(policy.attempts)
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_retryable),
-            stop=stop | (lambda state: self.abort.is_set()),
+            stop=stop | cut_short,
             wait=wait,
-            sleep=self.abort.wait,
+            sleep=lambda secs: self._lifecycle.wait(secs, cancel),
             before_sleep=log_retry,
             reraise=True,
         )
 
-    def _call(self, kind: str, policy: RetryPolicy, fn: Callable[[], Any]) -> Any:
-        return self._retrying(kind, policy)(fn)
+    def _call(self, kind: str, policy: RetryPolicy, fn: Callable[[], Any],
+              cancel: threading.Event | None = None) -> Any:
+        """`fn` retried per `policy`, until the exit-now step or `cancel` cuts it short."""
+        return self._retrying(kind, policy, cancel)(fn)
 
     # --- endpoints ----------------------------------------------------------
 
@@ -411,15 +410,16 @@ class Client:
         """True when the task is ours now; False when it is not ours to run (400/409)."""
         return self._effect_once("accept", FEW, {"task_id": task_id}) is None
 
-    def download(self, file_id: str, dest: Path, max_bytes: int) -> int:
-        """Stream one input file into `dest`; returns its size. More than `max_bytes` is an error."""
+    def download(self, file_id: str, open_dest: Callable[[], IO[bytes]], max_bytes: int, *,
+                 cancel: threading.Event | None = None) -> int:
+        """Stream one input file into what `open_dest` opens (called once per attempt, each writes
+        from the start); returns its size. More than `max_bytes` is an error, final for the file.
+        Retried until it arrives or is finally refused; a set `cancel` ends the retries and waits
+        (ServerUnavailable), as the exit-now step does."""
         url = self._files_url(file_id, "download")  # an id no URL can carry fails here, not retried
 
         def attempt() -> int:
-            try:
-                self.budget.acquire("download", self.abort)
-            except Aborted:
-                raise ServerUnavailable("download: abandoned, the agent is exiting", endpoint="download") from None
+            self._take_slot("download", cancel)
             size = 0
             try:
                 # identity: the stored bytes, not a copy the server gzips on the fly and we undo
@@ -427,10 +427,7 @@ class Client:
                 with self._http.stream("GET", url, headers={**self._auth(), "Accept-Encoding": "identity"}) as r:
                     log.debug("download %s -> %d", _path(url), r.status_code)
                     self._check(r, "download")
-                    # 0644 whatever the umask: the container may run as another user
-                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-                    os.fchmod(fd, 0o644)
-                    with os.fdopen(fd, "wb") as out:
+                    with open_dest() as out:
                         for chunk in r.iter_bytes(CHUNK):
                             size += len(chunk)
                             if size > max_bytes:
@@ -439,12 +436,12 @@ class Client:
                             out.write(chunk)
             except httpx.HTTPError as e:
                 raise self._transport_error(e, "download") from None
-            except OSError as e:
-                raise WorkspaceError(f"cannot write input file {dest.name}: {e.strerror}") from None
-            self.metrics.transferred("down", size)
+            except OSError as e:  # a write; `open_dest` translates its own errors
+                raise WorkspaceError(f"cannot write input file {file_id}: {e.strerror or e}") from None
+            self._metrics.transferred("down", size)
             return size
 
-        return self._call("download", FEW, attempt)
+        return self._call("download", PERSIST, attempt, cancel)
 
     def upload(self, task_id: str, rel_path: str, open_file: Callable[[], IO[bytes]]) -> UploadedFile:
         """Stream one output file; `open_file` is called once per attempt (each re-reads from the start).
@@ -496,7 +493,7 @@ class Client:
                 except OSError as e:  # httpx reads the file itself: a read error comes raw
                     raise WorkspaceError(f"cannot read output {rel_path}: {e.strerror or e}") from None
                 cut_offs = 0
-                self.metrics.transferred("up", f.tell())  # sent from the start to the end of the file
+                self._metrics.transferred("up", f.tell())  # sent from the start to the end of the file
             return UploadedFile.from_json(_json(r, "upload"))
 
         return self._call("upload", PERSIST, attempt)

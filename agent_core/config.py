@@ -4,6 +4,9 @@
 naming the offending key. `update(path, changes)` edits values in place with
 tomlkit (comments, key order and unknown keys survive), atomically and 0600,
 because the file holds the api_key.
+
+Each key is declared once, as a `knob` field of its table's dataclass (default, kind, bounds): `parse`
+reads every table from that, and tests/test_config_docs.py holds the default file and the README to it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_NAME = "config.toml"
 EXECUTOR_TYPES = ("standard", "bash", "python", "custom")
+WORKSPACE_MODES = ("bind", "copy")  # how /workspace reaches the container: a bind mount, or the engine's API
+ENGINES = ("docker", "podman")  # both spoken through docker-py (Podman's Docker-compatible API)
+ENGINE_URL_SCHEMES = ("unix", "tcp", "ssh", "npipe")  # what docker-py connects to
 KEEP_WORKSPACES = ("none", "failed", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -94,10 +101,90 @@ def parse_gpu_devices(value: str) -> str:
     return ",".join(ids)
 
 
+def _without_password(value: str) -> str:
+    """`value` fit for an error message: an ssh://user:password@host loses the password."""
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def parse_engine_url(value: str) -> str:
+    """"" (DOCKER_HOST, else the engine's usual socket) or the engine's address: unix:///run/podman/podman.sock,
+    tcp://host:2375, ssh://user@host or npipe:////./pipe/docker_engine; ValueError otherwise."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    shown = repr(_without_password(value))
+    if "://" not in value or parts.scheme not in ENGINE_URL_SCHEMES:
+        *most, last = (f"{scheme}://" for scheme in ENGINE_URL_SCHEMES)
+        raise ValueError(f"must be \"\" or a {', '.join(most)} or {last} address, "
+                         f"e.g. \"unix:///run/podman/podman.sock\" (got {shown})")
+    try:
+        parts.port  # urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"has a bad port (got {shown})") from None
+    socket = parts.scheme in ("unix", "npipe")
+    if not (parts.path if socket else parts.hostname):
+        raise ValueError(f"names no {'socket' if socket else 'host'} (got {shown})")
+    return value
+
+
+# --- the declaration: each key once, with its default and what a value may be --------------
+
+
+class Kind(Enum):
+    """How a key is written in the file and held in its dataclass."""
+
+    STRING = "string"
+    BOOL = "bool"
+    NUMBER = "number"
+    INTEGER = "integer"
+    SIZE = "size"  # kept as written, "4g"
+    BYTES = "bytes"  # a size, held in bytes
+    STRINGS = "strings"  # a list of strings
+    ARGV = "argv"  # a list of strings, or a lone string (older agent-core configs wrote one)
+    PATH = "path"  # resolved against the config file's folder; "" = the default
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One key's declaration; `default` is as the file writes it ("10g", "./data")."""
+
+    kind: Kind
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive: bool = False  # the minimum itself is refused
+    choices: tuple[str, ...] = ()
+
+    @property
+    def value(self) -> Any:
+        """The default as the dataclass holds it."""
+        if self.kind is Kind.BYTES:
+            return parse_size(self.default)
+        return Path(self.default) if self.kind is Kind.PATH else self.default
+
+
+_KNOB = "agent_core.config.knob"  # the dataclass field metadata key
+
+
+def knob(default: Any, kind: Kind, *, minimum: float | None = None, maximum: float | None = None,
+         exclusive: bool = False, choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+    """A config dataclass field that declares its key: `parse` reads and checks the key from this alone."""
+    declared_as = Knob(kind, default, minimum, maximum, exclusive, choices)
+    return field(default=declared_as.value, repr=not secret, metadata={_KNOB: declared_as})
+
+
+def declared(cls: type) -> dict[str, Knob]:
+    """The keys `cls` declares with `knob`, in field order (tables such as gpu and mounts are read apart)."""
+    return {f.name: f.metadata[_KNOB] for f in fields(cls) if _KNOB in f.metadata}
+
+
 @dataclass(frozen=True)
 class GpuConfig:
-    vendor: str = "nvidia"
-    devices: str = "all"
+    vendor: str = knob("nvidia", Kind.STRING, choices=GPU_VENDORS)
+    devices: str = knob("all", Kind.STRING)
 
     @property
     def device_ids(self) -> tuple[str, ...] | None:
@@ -109,27 +196,28 @@ class GpuConfig:
 class Mount:
     host: Path
     container: str
-    readonly: bool = True
+    readonly: bool = knob(True, Kind.BOOL)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    base_url: str | None = None
-    poll_interval_secs: float = 5.0
-    use_system_proxy: bool = False
-    rate_limit_per_minute: int = 150
-    heartbeat_reserve: int = 10
-    connect_timeout_secs: float = 10.0
-    read_timeout_secs: float = 60.0
+    base_url: str | None = knob(None, Kind.STRING)
+    poll_interval_secs: float = knob(5.0, Kind.NUMBER, minimum=0, exclusive=True)
+    use_system_proxy: bool = knob(False, Kind.BOOL)
+    rate_limit_per_minute: int = knob(150, Kind.INTEGER, minimum=0)
+    heartbeat_reserve: int = knob(10, Kind.INTEGER, minimum=0)
+    connect_timeout_secs: float = knob(10.0, Kind.NUMBER, minimum=0, exclusive=True)
+    read_timeout_secs: float = knob(60.0, Kind.NUMBER, minimum=0, exclusive=True)
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    service_id: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    name: str = "agent-core"
-    heartbeat_interval_secs: float = 15.0
-    shutdown_grace_secs: float = 300.0
+    service_id: str | None = knob(None, Kind.STRING)
+    api_key: str | None = knob(None, Kind.STRING, secret=True)
+    name: str = knob("agent-core", Kind.STRING)
+    heartbeat_interval_secs: float = knob(15.0, Kind.NUMBER, minimum=0, exclusive=True,
+                                          maximum=MAX_HEARTBEAT_INTERVAL)
+    shutdown_grace_secs: float = knob(300.0, Kind.NUMBER, minimum=0)
 
     @property
     def registered(self) -> bool:
@@ -138,24 +226,27 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    executor_type: str = "standard"
-    image: str = "open-aaas-executor:latest"
-    capacity: int = 2
-    timeout_minutes: float = 0
-    memory_limit: str | None = None
-    working_dir: str = "/workspace"
-    script_path: str | None = None
-    custom_entrypoint: tuple[str, ...] = ()  # the container's ENTRYPOINT; () = the image's own
-    custom_args: tuple[str, ...] = ()
-    network_mode: str = "bridge"
-    user: str | None = None
-    pids_limit: int = 1024
-    cpus: float = 0.0
-    read_only: bool = False
-    cap_drop: tuple[str, ...] = ("ALL",)
-    cap_add: tuple[str, ...] = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID")
+    engine: str = knob("docker", Kind.STRING, choices=ENGINES)
+    engine_url: str = knob("", Kind.STRING)  # "" = the engine's usual address (executor/engine.py)
+    workspace: str = knob("bind", Kind.STRING, choices=WORKSPACE_MODES)
+    executor_type: str = knob("standard", Kind.STRING, choices=EXECUTOR_TYPES)
+    image: str = knob("open-aaas-executor:latest", Kind.STRING)
+    capacity: int = knob(2, Kind.INTEGER, minimum=1)
+    timeout_minutes: float = knob(0, Kind.NUMBER, minimum=0)
+    memory_limit: str | None = knob(None, Kind.SIZE)
+    working_dir: str = knob("/workspace", Kind.STRING)
+    script_path: str | None = knob(None, Kind.STRING)
+    custom_entrypoint: tuple[str, ...] = knob((), Kind.ARGV)  # the container's ENTRYPOINT; () = the image's own
+    custom_args: tuple[str, ...] = knob((), Kind.STRINGS)
+    network_mode: str = knob("bridge", Kind.STRING)
+    user: str | None = knob(None, Kind.STRING)
+    pids_limit: int = knob(1024, Kind.INTEGER, minimum=0)
+    cpus: float = knob(0.0, Kind.NUMBER, minimum=0)
+    read_only: bool = knob(False, Kind.BOOL)
+    cap_drop: tuple[str, ...] = knob(("ALL",), Kind.STRINGS)
+    cap_add: tuple[str, ...] = knob(("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"), Kind.STRINGS)
     gpu: GpuConfig | None = None
-    enable_host_access: bool = False
+    enable_host_access: bool = knob(False, Kind.BOOL)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -176,33 +267,33 @@ class ExecutorConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_input_bytes: int = 10 * 1024**3
-    max_output_files: int = 1000
-    max_output_file_bytes: int = 0  # 0: the server's own limit (its max_file_size_mb) decides
-    max_output_bytes: int = 1024**3
-    log_max_bytes: int = 10 * 1024**2
-    max_reply_bytes: int = 16 * 1024**2  # a JSON reply from the server; more is a protocol error
+    max_input_bytes: int = knob("10g", Kind.BYTES)
+    max_output_files: int = knob(1000, Kind.INTEGER, minimum=1)
+    max_output_file_bytes: int = knob(0, Kind.BYTES)  # 0: the server's own limit (its max_file_size_mb) decides
+    max_output_bytes: int = knob("1g", Kind.BYTES)
+    log_max_bytes: int = knob("10m", Kind.BYTES)
+    max_reply_bytes: int = knob("16m", Kind.BYTES)  # a JSON reply from the server; more is a protocol error
 
 
 @dataclass(frozen=True)
 class PathsConfig:
-    data_dir: Path = Path("data")
+    data_dir: Path = knob("./data", Kind.PATH)
     mounts: tuple[Mount, ...] = ()
-    keep_workspaces: str = "none"
-    min_free_disk_mb: int = 1024
+    keep_workspaces: str = knob("none", Kind.STRING, choices=KEEP_WORKSPACES)
+    min_free_disk_mb: int = knob(1024, Kind.INTEGER, minimum=0)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    format: str = "text"
-    max_bytes: int = 10 * 1024**2  # agent.log of run-detached is rotated past this; 0 = never
-    backups: int = 3
+    level: str = knob("info", Kind.STRING, choices=LOG_LEVELS)
+    format: str = knob("text", Kind.STRING, choices=LOG_FORMATS)
+    max_bytes: int = knob("10m", Kind.BYTES)  # agent.log of run-detached is rotated past this; 0 = never
+    backups: int = knob(3, Kind.INTEGER, minimum=0)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = ""  # host:port of the Prometheus and /healthz endpoint; "" = off
+    listen: str = knob("", Kind.STRING)  # host:port of the Prometheus and /healthz endpoint; "" = off
 
 
 @dataclass(frozen=True)
@@ -228,6 +319,15 @@ class Config:
         return self.agent.service_id, self.agent.api_key  # type: ignore[return-value]
 
 
+# the tables and the dataclass whose fields are their keys (executor.gpu is a table of two)
+_SECTIONS = {"server": ServerConfig, "agent": AgentConfig, "executor": ExecutorConfig, "limits": LimitsConfig,
+             "paths": PathsConfig, "logging": LoggingConfig, "metrics": MetricsConfig}
+KNOBS = {f"{name}.{key}": declared_as for name, cls in {**_SECTIONS, "executor.gpu": GpuConfig}.items()
+         for key, declared_as in declared(cls).items()}
+KNOWN_KEYS = (*(f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in fields(cls)),
+              *(f"executor.gpu.{key}" for key in declared(GpuConfig)))
+
+
 # --- reading --------------------------------------------------------------
 
 
@@ -243,6 +343,30 @@ class _Section:
 
     def fail(self, key: str, why: str) -> ConfigError:
         return ConfigError(f"{self.path}: {self.name}.{key}: {why}")
+
+    def knobs(self, cls: type) -> dict[str, Any]:
+        """Every key `cls` declares, read and checked as declared."""
+        return {key: self.read(key, declared_as) for key, declared_as in declared(cls).items()}
+
+    def read(self, key: str, k: Knob) -> Any:
+        match k.kind:
+            case Kind.STRING:
+                return self.string(key, k.default, k.choices)
+            case Kind.BOOL:
+                return self.boolean(key, k.default)
+            case Kind.NUMBER | Kind.INTEGER:
+                return self.number(key, k.default, minimum=k.minimum, exclusive=k.exclusive, maximum=k.maximum,
+                                   integer=k.kind is Kind.INTEGER)
+            case Kind.SIZE:
+                return self.size(key, k.default)
+            case Kind.BYTES:
+                return parse_size(self.size(key, k.default))
+            case Kind.STRINGS:
+                return self.strings(key, k.default)
+            case Kind.ARGV:
+                return self.argv(key, k.default)
+            case Kind.PATH:
+                return _resolve(self, key, self.string(key, k.default) or k.default)
 
     def _get(self, key: str, default: Any) -> Any:
         self.used.add(key)
@@ -265,13 +389,13 @@ class _Section:
             raise self.fail(key, f"must be true or false (got {value!r})")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float, exclusive: bool = False,
+    def number(self, key: str, default: float, *, minimum: float | None, exclusive: bool = False,
                maximum: float | None = None, integer: bool = False) -> Any:
         value = self._get(key, default)
         kinds = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise self.fail(key, f"must be {'an integer' if integer else 'a number'} (got {value!r})")
-        if value < minimum or (exclusive and value == minimum):
+        if minimum is not None and (value < minimum or (exclusive and value == minimum)):
             raise self.fail(key, f"must be {'>' if exclusive else '≥'} {minimum:g} (got {value!r})")
         if maximum is not None and value > maximum:
             raise self.fail(key, f"must be ≤ {maximum:g} (got {value!r})")
@@ -295,19 +419,19 @@ class _Section:
             raise self.fail(key, f"must be a list of strings (got {value!r})")
         return tuple(value)
 
-    def argv(self, key: str) -> tuple[str, ...]:
-        """A list of strings; a lone string is a one-element list (older agent-core configs wrote one)."""
-        value = self._get(key, ())
+    def argv(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, default)
         if isinstance(value, str):
             return (value,) if value else ()
-        return self.strings(key, ())
+        return self.strings(key, default)
 
     def unknown(self) -> list[str]:
         return [f"{self.name}.{k}" for k in self.raw if k not in self.used]
 
 
-def _resolve(section: _Section, key: str, base: Path, value: str) -> Path:
-    return Path(_check(section, key, value, lambda v: hostpaths.resolve(v, base)))
+def _resolve(section: _Section, key: str, value: str) -> Path:
+    """`value` as a path, relative ones against the config file's folder."""
+    return Path(_check(section, key, value, lambda v: hostpaths.resolve(v, section.path.parent)))
 
 
 def _check(section: _Section, key: str, value: Any, test: Callable[[Any], Any]) -> Any:
@@ -317,14 +441,16 @@ def _check(section: _Section, key: str, value: Any, test: Callable[[Any], Any]) 
         raise section.fail(key, str(e)) from None
 
 
-def _read_mounts(path: Path, base: Path, raw: Any) -> tuple[Mount, ...]:
+def _read_mounts(paths: _Section) -> tuple[Mount, ...]:
+    paths.used.add("mounts")
+    raw = paths.raw.get("mounts")
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConfigError(f"{path}: paths.mounts: must be an array of tables ([[paths.mounts]])")
+        raise ConfigError(f"{paths.path}: paths.mounts: must be an array of tables ([[paths.mounts]])")
     mounts = []
     for i, item in enumerate(raw):
-        s = _Section(path, f"paths.mounts[{i}]", item)
+        s = _Section(paths.path, f"paths.mounts[{i}]", item)
         host = s.string("host", None)
         container = s.string("container", None)
         if not host:
@@ -333,20 +459,20 @@ def _read_mounts(path: Path, base: Path, raw: Any) -> tuple[Mount, ...]:
             raise s.fail("container", f"must be an absolute path (got {container!r})")
         if container.rstrip("/") in ("", "/workspace") or container.startswith("/workspace/"):
             raise s.fail("container", "must not be / or inside /workspace, which holds the task")
-        mounts.append(Mount(_resolve(s, "host", base, host), container, s.boolean("readonly", True)))
+        mounts.append(Mount(_resolve(s, "host", host), container, **s.knobs(Mount)))
         for key in s.unknown():
-            raise ConfigError(f"{path}: {key}: unknown mount key")
+            raise ConfigError(f"{paths.path}: {key}: unknown mount key")
     return tuple(mounts)
 
 
-def _read_gpu(path: Path, executor: _Section) -> GpuConfig | None:
+def _read_gpu(executor: _Section) -> GpuConfig | None:
     """`gpu.vendor` / `gpu.devices` inside [executor]; a typo there must not silently mean "all GPUs"."""
     executor.used.add("gpu")
-    g = _Section(path, "executor.gpu", executor.raw.get("gpu"))
-    vendor = g.string("vendor", None, GPU_VENDORS)
-    devices = g.string("devices", "all")
+    g = _Section(executor.path, "executor.gpu", executor.raw.get("gpu"))
+    vendor = g.string("vendor", None, GPU_VENDORS)  # unset: no GPU, whatever GpuConfig() holds
+    devices = g.read("devices", declared(GpuConfig)["devices"])
     for key in g.unknown():
-        raise ConfigError(f"{path}: {key}: unknown key (vendor and devices are known)")
+        raise ConfigError(f"{executor.path}: {key}: unknown key (vendor and devices are known)")
     if vendor is None:
         if "devices" in g.raw:
             raise g.fail("vendor", "is required when executor.gpu.devices is set (\"nvidia\")")
@@ -354,62 +480,26 @@ def _read_gpu(path: Path, executor: _Section) -> GpuConfig | None:
     return GpuConfig(vendor=vendor, devices=_check(g, "devices", devices, parse_gpu_devices))
 
 
-def parse(text: str, path: Path) -> Config:
-    """Validate a config document; `path` locates relative paths and names the file in errors."""
-    try:
-        doc = tomlkit.parse(text).unwrap()
-    except TOMLKitError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    base = path.parent
-    unknown: list[str] = []
+# What the declaration cannot say: conversions, the tables, checks across keys. Each gets the section
+# and its declared keys as read.
 
-    s = _Section(path, "server", doc.get("server"))
-    base_url = s.string("base_url", None)
-    server = ServerConfig(
-        base_url=_check(s, "base_url", base_url, normalise_base_url) if base_url else None,
-        poll_interval_secs=s.number("poll_interval_secs", 5.0, minimum=0, exclusive=True),
-        use_system_proxy=s.boolean("use_system_proxy", False),
-        rate_limit_per_minute=s.number("rate_limit_per_minute", 150, minimum=0, integer=True),
-        heartbeat_reserve=s.number("heartbeat_reserve", 10, minimum=0, integer=True),
-        connect_timeout_secs=s.number("connect_timeout_secs", 10.0, minimum=0, exclusive=True),
-        read_timeout_secs=s.number("read_timeout_secs", 60.0, minimum=0, exclusive=True),
-    )
+def _server(s: _Section, values: dict[str, Any]) -> ServerConfig:
+    if values["base_url"]:
+        values["base_url"] = _check(s, "base_url", values["base_url"], normalise_base_url)
+    server = ServerConfig(**values)
     if server.rate_limit_per_minute and server.heartbeat_reserve >= server.rate_limit_per_minute:
         raise s.fail("heartbeat_reserve", "must be smaller than rate_limit_per_minute")
-    unknown += s.unknown()
+    return server
 
-    s = _Section(path, "agent", doc.get("agent"))
-    agent = AgentConfig(
-        service_id=s.string("service_id", None),
-        api_key=s.string("api_key", None),
-        name=s.string("name", None) or AgentConfig.name,  # "" in a file is unset, as for the reference
-        heartbeat_interval_secs=s.number("heartbeat_interval_secs", 15.0, minimum=0, exclusive=True,
-                                         maximum=MAX_HEARTBEAT_INTERVAL),
-        shutdown_grace_secs=s.number("shutdown_grace_secs", 300.0, minimum=0),
-    )
-    unknown += s.unknown()
 
-    s = _Section(path, "executor", doc.get("executor"))
-    executor = ExecutorConfig(
-        executor_type=s.string("executor_type", "standard", EXECUTOR_TYPES),
-        image=s.string("image", "open-aaas-executor:latest"),
-        capacity=s.number("capacity", 2, minimum=1, integer=True),
-        timeout_minutes=s.number("timeout_minutes", 0, minimum=0),
-        memory_limit=s.size("memory_limit", None),
-        working_dir=s.string("working_dir", "/workspace"),
-        script_path=s.string("script_path", None),
-        custom_entrypoint=s.argv("custom_entrypoint"),
-        custom_args=s.strings("custom_args", ()),
-        network_mode=s.string("network_mode", "bridge"),
-        user=s.string("user", None),
-        pids_limit=s.number("pids_limit", 1024, minimum=0, integer=True),
-        cpus=s.number("cpus", 0.0, minimum=0),
-        read_only=s.boolean("read_only", False),
-        cap_drop=s.strings("cap_drop", ExecutorConfig.cap_drop),
-        cap_add=s.strings("cap_add", ExecutorConfig.cap_add),
-        gpu=_read_gpu(path, s),
-        enable_host_access=s.boolean("enable_host_access", False),
-    )
+def _agent(s: _Section, values: dict[str, Any]) -> AgentConfig:
+    # "" in a file is unset, as for the reference agent
+    return AgentConfig(**{**values, "name": values["name"] or AgentConfig.name})
+
+
+def _executor(s: _Section, values: dict[str, Any]) -> ExecutorConfig:
+    _check(s, "engine_url", values["engine_url"], parse_engine_url)
+    executor = ExecutorConfig(**values, gpu=_read_gpu(s))
     if not executor.image:
         raise s.fail("image", "must not be empty")
     if not executor.working_dir.startswith("/"):
@@ -419,47 +509,40 @@ def parse(text: str, path: Path) -> Config:
         raise s.fail("enable_host_access", f"needs a network of the task's own; network_mode = "
                      f"{executor.network_mode!r} has none (use \"bridge\" or a user-defined network)")
     if executor.network_mode == "host":
-        log.warning("%s: executor.network_mode = \"host\" gives tasks the host's network", path)
-    unknown += s.unknown()
+        log.warning("%s: executor.network_mode = \"host\" gives tasks the host's network", s.path)
+    return executor
 
-    s = _Section(path, "limits", doc.get("limits"))
-    defaults = LimitsConfig()
-    limits = LimitsConfig(**{
-        key: parse_size(s.size(key, getattr(defaults, key))) if key != "max_output_files"
-        else s.number(key, defaults.max_output_files, minimum=1, integer=True)
-        for key in defaults.__dataclass_fields__
-    })
-    unknown += s.unknown()
 
-    s = _Section(path, "paths", doc.get("paths"))
-    s.used.add("mounts")
-    paths = PathsConfig(
-        data_dir=_resolve(s, "data_dir", base, s.string("data_dir", "./data") or "./data"),
-        mounts=_read_mounts(path, base, s.raw.get("mounts")),
-        keep_workspaces=s.string("keep_workspaces", "none", KEEP_WORKSPACES),
-        min_free_disk_mb=s.number("min_free_disk_mb", 1024, minimum=0, integer=True),
-    )
-    unknown += s.unknown()
+def _paths(s: _Section, values: dict[str, Any]) -> PathsConfig:
+    return PathsConfig(**values, mounts=_read_mounts(s))
 
-    s = _Section(path, "logging", doc.get("logging"))
-    logging_cfg = LoggingConfig(
-        level=s.string("level", "info", LOG_LEVELS),
-        format=s.string("format", "text", LOG_FORMATS),
-        max_bytes=parse_size(s.size("max_bytes", "10m")),
-        backups=s.number("backups", 3, minimum=0, integer=True),
-    )
-    unknown += s.unknown()
 
-    s = _Section(path, "metrics", doc.get("metrics"))
-    listen = s.string("listen", "")
-    if listen:
-        _check(s, "listen", listen, parse_listen)
-    metrics_cfg = MetricsConfig(listen=listen)
-    unknown += s.unknown()
+def _metrics(s: _Section, values: dict[str, Any]) -> MetricsConfig:
+    if values["listen"]:
+        _check(s, "listen", values["listen"], parse_listen)
+    return MetricsConfig(**values)
 
+
+_FINISH: dict[str, Callable[[_Section, dict[str, Any]], Any]] = {
+    "server": _server, "agent": _agent, "executor": _executor, "paths": _paths, "metrics": _metrics}
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate a config document; `path` locates relative paths and names the file in errors."""
+    try:
+        doc = tomlkit.parse(text).unwrap()
+    except TOMLKitError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    sections: dict[str, Any] = {}
+    unknown: list[str] = []
+    for name, cls in _SECTIONS.items():
+        s = _Section(path, name, doc.get(name))
+        values = s.knobs(cls)
+        finish = _FINISH.get(name)
+        sections[name] = finish(s, values) if finish else cls(**values)
+        unknown += s.unknown()
     unknown += [k for k in doc if k not in _SECTIONS]
-    return Config(path=path, server=server, agent=agent, executor=executor, limits=limits,
-                  paths=paths, logging=logging_cfg, metrics=metrics_cfg, unknown_keys=tuple(unknown))
+    return Config(path=path, **sections, unknown_keys=tuple(unknown))
 
 
 def load(path: Path | str) -> Config:
@@ -472,13 +555,6 @@ def load(path: Path | str) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     return parse(text, path)
-
-
-# the tables and the dataclass whose fields are their keys (executor.gpu is a table of two)
-_SECTIONS = {"server": ServerConfig, "agent": AgentConfig, "executor": ExecutorConfig, "limits": LimitsConfig,
-             "paths": PathsConfig, "logging": LoggingConfig, "metrics": MetricsConfig}
-KNOWN_KEYS = (*(f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in fields(cls)),
-              "executor.gpu.vendor", "executor.gpu.devices")
 
 
 def closest_key(key: str) -> str | None:

@@ -1,16 +1,17 @@
-"""`agent-core run`: wire config, pidfile, Docker, client and scheduler together, and own the signals."""
+"""`agent-core run`: wire config, pidfile, engine, lifecycle, metrics, client and scheduler, and own the signals."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
-import threading
 
 from agent_core import metrics, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import EXIT_FAILURE, ExecutorError
 from agent_core.executor import check_mounts, open_backend
+from agent_core.lifecycle import Lifecycle
 from agent_core.scheduler import ExitNow, Scheduler
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,22 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
     data_dir = process.ensure_data_dir(cfg.paths.data_dir)
     pidfile = process.PidFile(data_dir)
     pidfile.acquire()
-    abort = threading.Event()
+    lifecycle = Lifecycle()
     executor = client = metrics_server = None
     try:
         executor = open_backend(cfg, cfg.executor.capacity + DOCKER_POOL_MARGIN)
         problem = preflight.check(cfg, executor)
         if problem is not None:  # refuse now rather than accept and fail every task in the queue
             raise ExecutorError(f"cannot run tasks: {problem.line()}")
+        mismatch = preflight.engine_warning(cfg, executor)
+        if mismatch:
+            log.warning("%s", mismatch)
         executor.check_gpu(cfg.executor.gpu)
-        client = Client.from_config(cfg, abort=abort)
-        scheduler = Scheduler(cfg, client, executor, burst=burst)
-        metrics_server = metrics.start(cfg, client, executor, scheduler)  # None unless [metrics] listen
+        recorded = metrics.recorder(cfg)
+        client = Client.from_config(cfg, lifecycle=lifecycle, metrics=recorded)
+        scheduler = Scheduler(cfg, client, executor, lifecycle=lifecycle, metrics=recorded, burst=burst)
+        health = metrics.Health(executor.ping, functools.partial(metrics.last_contact, client.last_success))
+        metrics_server = metrics.start(cfg, recorded, health)  # None unless [metrics] listen
 
         def on_signal(signum: int, _frame: object) -> None:
             scheduler.request_stop()
@@ -53,7 +59,7 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     finally:
-        abort.set()
+        lifecycle.exit_now()  # whatever still waits or retries (a breaker recheck, an engine watch) stops
         if metrics_server is not None:
             metrics_server.close()
         if client is not None:

@@ -19,9 +19,9 @@ from urllib.parse import quote
 
 import httpx
 
-__all__ = ["DevClient", "DevClientError"]
+from agent_core.protocol import TASK_STATUSES
 
-_TERMINAL = ("completed", "failed", "cancelled")
+__all__ = ["DevClient", "DevClientError"]
 
 
 class DevClientError(httpx.HTTPStatusError):
@@ -109,7 +109,7 @@ class DevClient:
     def cancel_task(self, id: str) -> dict:
         return self._call("POST", f"/api/v1/client/tasks/{_seg(id)}/cancel").json()
 
-    def wait_for_status(self, task_id: str, statuses: str | Iterable[str] = _TERMINAL, timeout: float = 30.0,
+    def wait_for_status(self, task_id: str, statuses: str | Iterable[str] = TASK_STATUSES, timeout: float = 30.0,
                         interval: float = 0.05) -> dict:
         """Poll the task until its status is one of `statuses`; TimeoutError names the last one seen."""
         wanted = {statuses} if isinstance(statuses, str) else set(statuses)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import re
 import ssl
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 
@@ -26,7 +27,7 @@ from agent_core import config as configmod
 from agent_core import logs, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.errors import AgentError, AuthRejected, ExecutorError
-from agent_core.executor import Backend, gpu_verdict, open_backend
+from agent_core.executor import Backend, engine_mismatch, gpu_verdict, open_backend
 from agent_core.protocol import Heartbeat
 from agent_core.workspace import free_disk_mb
 
@@ -62,15 +63,21 @@ def _data_dir(cfg: configmod.Config) -> Check:
     return Check("data_dir", OK, f"data dir {path} writable{note}")
 
 
-def _engine(executor: Backend) -> tuple[Check, dict[str, Any] | None]:
+def _engine(cfg: configmod.Config, executor: Backend) -> list[Check]:
+    """Which engine answers, its version and whether it runs rootless; a warning when it is not
+    the configured one."""
+    engine = cfg.executor.engine
     try:
-        info = executor.info()
+        seen = executor.engine_info()
     except AgentError as e:
-        why = str(e).removeprefix(f"Docker engine not reachable at {executor.where}: ")
-        return Check("engine", FAIL, f"docker engine not reachable at {executor.where} ({why}): start it "
-                                     "(`systemctl start docker`) or point DOCKER_HOST at it"), None
-    return Check("engine", OK, f"docker engine reachable ({info.get('ServerVersion', '?')}) "
-                               f"at {executor.where}"), info
+        why = re.sub(rf"^\w+ engine not reachable at {re.escape(executor.where)}: ", "", str(e))
+        problem = preflight.check(cfg, executor)  # the fix, in the configured engine's words
+        fix = problem.fix if problem is not None and problem.kind == "engine" else "start it"
+        return [Check("engine", FAIL, f"{engine} engine not reachable at {executor.where} ({why}): {fix}")]
+    checks = [Check("engine", OK, f"{seen.engine} engine reachable ({seen.version}) at {seen.where}, "
+                                  f"{'rootless' if seen.rootless else 'not rootless'}")]
+    mismatch = engine_mismatch(engine, seen)
+    return checks + ([Check("engine", WARN, mismatch, essential=False)] if mismatch else [])
 
 
 def _executor(cfg: configmod.Config, executor: Backend) -> Check:
@@ -94,7 +101,11 @@ def _image(cfg: configmod.Config, executor: Backend) -> Check:
                                 "executor-example/` or `docker load` it (agent-core never pulls)")
 
 
-def _gpu(cfg: configmod.Config, info: dict[str, Any]) -> Check:
+def _gpu(cfg: configmod.Config, executor: Backend) -> Check:
+    try:
+        info = executor.info()
+    except AgentError as e:
+        return Check("gpu", FAIL, f"GPU not checked: {e}")
     verdict = gpu_verdict(cfg.executor.gpu, info, platform.system())
     status = {"ok": OK, "warn": WARN}.get(verdict.level, FAIL)  # a refusal stops `run`, so it is essential
     return Check("gpu", status, f"GPU: {verdict.message}")
@@ -173,14 +184,13 @@ def _server(cfg: configmod.Config) -> Check:
 def _credentials(cfg: configmod.Config, client: Client) -> Check:
     live = process.read_status(cfg.paths.data_dir)
     if live is not None:  # our heartbeat would overwrite the load the daemon reports
-        last = live.get("last_heartbeat")
-        error = (live.get("errors") or {}).get("heartbeat") or {}
-        if isinstance(error.get("at"), (int, float)) and (not isinstance(last, (int, float))
-                                                          or error["at"] > last):
-            return Check("credentials", WARN, f"the running daemon (pid {live.get('pid')}) has heartbeat "
-                                              f"trouble: {error.get('message', '?')}")
-        said = f"{max(0.0, time.time() - last):.0f} s ago" if isinstance(last, (int, float)) else "none yet"
-        return Check("credentials", OK, f"credentials in use by the running daemon (pid {live.get('pid')}); "
+        last = live.last_heartbeat
+        error = live.errors.get("heartbeat")
+        if error is not None and error.at is not None and (last is None or error.at > last):
+            return Check("credentials", WARN, f"the running daemon (pid {live.pid}) has heartbeat "
+                                              f"trouble: {error.message or '?'}")
+        said = f"{max(0.0, time.time() - last):.0f} s ago" if last is not None else "none yet"
+        return Check("credentials", OK, f"credentials in use by the running daemon (pid {live.pid}); "
                                         f"its last heartbeat: {said} (none sent by doctor)")
     try:
         client.heartbeat(Heartbeat("online", 0, cfg.executor.capacity))
@@ -221,9 +231,9 @@ def _server_checks(cfg: configmod.Config) -> Iterator[Check]:
 
 def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
     with contextlib.closing(open_backend(cfg, 2)) as executor:
-        engine, info = _engine(executor)
-        yield engine
-        if info is None:
+        engine = _engine(cfg, executor)
+        yield from engine
+        if engine[0].status != OK:
             yield Check("image", SKIP, f"executor image {cfg.executor.image} not checked: no engine")
             yield Check("task_network", SKIP, "task network not checked: no engine", essential=False)
             return
@@ -232,7 +242,7 @@ def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
         if image.status == OK:
             yield _executor(cfg, executor)
         if cfg.executor.gpu is not None:
-            yield _gpu(cfg, info)
+            yield _gpu(cfg, executor)
         yield _task_network(cfg, executor)
 
 

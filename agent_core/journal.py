@@ -32,7 +32,7 @@ class Stage(enum.IntEnum):
     ACCEPTED = 0  # the server gave us the task
     STAGED = 1    # workspace, inputs and task.json are on disk
     LAUNCHED = 2  # the container exists (container_id set)
-    EXITED = 3    # the container ended; exit recorded, logs saved, container removed
+    EXITED = 3    # the container ended; exit recorded, logs saved (in copy mode /workspace copied out), container removed
     UPLOADED = 4  # every output uploaded; `completion` is final
     REPORTED = 5  # the server acknowledged `complete`
 
@@ -48,6 +48,7 @@ class TaskRecord:
     oom_killed: bool = False
     cancel_reason: str | None = None
     error: str | None = None  # why the task failed before its container could give a result
+    engine_lost: bool = False  # the engine went away while the container ran
     uploads: dict[str, str] = field(default_factory=dict)  # workspace-relative path -> file_id
     completion: Completion | None = None
 

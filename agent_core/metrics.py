@@ -6,9 +6,9 @@ base class records nothing, so every call site works the same with metrics off.
 process-wide default, so two agents in one test process do not mix), and
 `MetricsServer` serves it at /metrics and the health check at /healthz.
 
-The daemon's client carries the Metrics (`client.metrics`): the client sees every
-request, so it counts server errors and transferred bytes in one place, and the
-runners that hold it report task outcomes through it.
+The daemon makes one Metrics (`recorder`) and hands it to the client at construction (it
+sees every request, so it counts server errors and transferred bytes in one place) and to
+the scheduler (whose runners report task outcomes). This module imports none of them.
 """
 
 from __future__ import annotations
@@ -19,22 +19,17 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Mapping
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 
 from agent_core.config import Config, parse_listen
 from agent_core.errors import AgentError, ProcessError
-
-if TYPE_CHECKING:
-    from agent_core.client import Client
-    from agent_core.executor import Backend
-    from agent_core.scheduler import Scheduler
+from agent_core.protocol import TASK_STATUSES
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("completed", "failed", "cancelled")
 ERROR_KINDS = ("poll", "heartbeat", "upload")  # exported as 0 before the first error, so alerts see a series
 DIRECTIONS = ("up", "down")
 # tasks run from seconds to hours
@@ -80,7 +75,7 @@ class PrometheusMetrics(Metrics):
                                registry=r)
         self._bytes = Counter("agent_core_transferred_bytes",
                               "File bytes of finished transfers, by direction.", ["direction"], registry=r)
-        for status in OUTCOMES:
+        for status in TASK_STATUSES:
             self._tasks.labels(status)
         for kind in ERROR_KINDS:
             self._errors.labels(kind)
@@ -126,9 +121,10 @@ class Health:
         return {"engine": engine, "server": server, "ok": engine and server}
 
 
-def last_contact(client: Client) -> float | None:
-    """When the server last answered a poll or a heartbeat with success (time.time()), or None."""
-    seen = [t for t in (client.last_success.get("poll"), client.last_success.get("heartbeat")) if t]
+def last_contact(last_success: Mapping[str, float]) -> float | None:
+    """When the server last answered a poll or a heartbeat with success (time.time()), or None;
+    `last_success` is the client's endpoint -> time of its last 2xx."""
+    seen = [t for t in (last_success.get("poll"), last_success.get("heartbeat")) if t]
     return max(seen, default=None)
 
 
@@ -194,15 +190,15 @@ class MetricsServer:
         self._httpd.server_close()
 
 
-def start(cfg: Config, client: Client, executor: Backend,
-          scheduler: Scheduler) -> MetricsServer | None:
-    """Record metrics and serve them when `[metrics] listen` is set; None (and nothing recorded) when not."""
+def recorder(cfg: Config) -> Metrics:
+    """What the daemon records into: Prometheus when `[metrics] listen` is set, else nothing."""
+    return PrometheusMetrics() if cfg.metrics.listen else Metrics()
+
+
+def start(cfg: Config, metrics: Metrics, health: Health) -> MetricsServer | None:
+    """Serve `metrics` (from `recorder`) and `health` when `[metrics] listen` is set; None when not."""
     if not cfg.metrics.listen:
         return None
-    metrics = PrometheusMetrics()
-    metrics.watch(running=lambda: scheduler.load, capacity=cfg.executor.capacity)
-    health = Health(executor.ping, lambda: last_contact(client))
     server = MetricsServer(parse_listen(cfg.metrics.listen), metrics, health.check).start()
-    client.metrics = metrics
     log.info("metrics at %s/metrics, health at %s/healthz", server.url, server.url)
     return server

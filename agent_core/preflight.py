@@ -3,7 +3,9 @@ intake is paused after launch failures (the circuit breaker in the scheduler).
 
 A task that cannot start costs the operator a task: with a missing image every task in the
 queue would be accepted and failed within milliseconds. So each cause is found up front, named
-in one line with its fix, and the same classification tells a launch failure's kind apart.
+in one line with its fix (in the configured engine's words), and the same classification tells
+a launch failure's kind apart. `engine_warning` says when another engine than the configured one
+answers: a warning, not a refusal, as tasks would still run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent_core.errors import AgentError, DockerUnavailable, ExecutorError, ImageMissing
+from agent_core.executor.engine import PODMAN, engine_mismatch
 
 if TYPE_CHECKING:
     from agent_core.config import Config
@@ -35,16 +38,23 @@ class Problem:
         return f"{self.message}; fix: {self.fix}"
 
 
-def _image(image: str) -> Problem:
+def _image(image: str, cli: str) -> Problem:
     return Problem("image", f"executor image {image} is not on this host",
-                   f"build or load it here (agent-core never pulls), e.g. `docker build -t {image} "
+                   f"build or load it here (agent-core never pulls), e.g. `{cli} build -t {image} "
                    "executor-example/`, or set executor.image")
 
 
-def _network(mode: str) -> Problem:
+def _network(mode: str, cli: str) -> Problem:
     return Problem("network", f"executor.network_mode: the engine has no network {mode!r}",
-                   f"`docker network create {mode}`, or set executor.network_mode to one `docker network ls` "
+                   f"`{cli} network create {mode}`, or set executor.network_mode to one `{cli} network ls` "
                    "lists (or \"none\")")
+
+
+def _start_engine(engine: str) -> str:
+    if engine == PODMAN:
+        return ("start the Podman service (`systemctl start podman.socket`, rootless `systemctl --user start "
+                "podman.socket`, or `podman system service --time=0 unix://...`), or set executor.engine_url")
+    return "start the engine (e.g. `systemctl start docker`), or point DOCKER_HOST at it"
 
 
 def _user(user: str, image: str, what: str) -> Problem:
@@ -99,19 +109,28 @@ def check(cfg: Config, executor: Backend) -> Problem | None:
     try:
         executor.ping()
     except DockerUnavailable as e:
-        return Problem("engine", str(e), "start the engine (e.g. `systemctl start docker`), or point DOCKER_HOST "
-                                         "at it, and check this user may use its socket")
+        return Problem("engine", str(e), f"{_start_engine(ex.engine)}, and check this user may use its socket")
     try:
         if not executor.image_present(ex.image):
-            return _image(ex.image)
+            return _image(ex.image, ex.engine)
         mode = ex.network_mode
         if mode not in _BUILTIN_NETWORKS and not mode.startswith("container:") and executor.network(mode) is None:
-            return _network(mode)
+            return _network(mode, ex.engine)
         if ex.user and not all(part.isdigit() for part in ex.user.split(":") if part):
             files = executor.image_files(ex.image, (_PASSWD, _GROUP), _MAX_ACCOUNT_FILE)
             return user_problem(ex.user, ex.image, _text(files[_PASSWD]), _text(files[_GROUP]))
     except DockerUnavailable as e:
-        return Problem("engine", str(e), "start the engine, or point DOCKER_HOST at it")
+        return Problem("engine", str(e), _start_engine(ex.engine))
     except (ExecutorError, tarfile.TarError) as e:
         return Problem("engine", f"cannot check the executor: {e}", "see the engine's log")
     return None
+
+
+def engine_warning(cfg: Config, executor: Backend) -> str | None:
+    """The warning when the engine that answers is not executor.engine (say Docker at a socket
+    configured for Podman); None when it is, or when no engine answers (`check` says that)."""
+    try:
+        found = executor.engine_info()
+    except AgentError:
+        return None
+    return engine_mismatch(cfg.executor.engine, found)

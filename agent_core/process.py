@@ -26,14 +26,14 @@ import psutil
 from agent_core import config as configmod
 from agent_core.errors import AgentError, AlreadyRunning, NotRunning, ProcessError
 from agent_core.fsutil import write_atomic
+from agent_core.lifecycle import Step
+from agent_core.livestatus import LiveStatus
 
 log = logging.getLogger(__name__)
 
 PIDFILE = "agent.pid"
 LOGFILE = "agent.log"
 STATUSFILE = "status.json"
-# the states the daemon writes, in ladder order: each stop signal moves it one step
-LADDER = ("running", "draining", "cancelling", "exiting")
 PROGRESS_EVERY_SECS = 5.0
 
 # --- the OS differences (the Windows half cannot be tested on Linux: keep it this small) ---
@@ -157,24 +157,24 @@ class PidFile:
 
 
 def write_status(data_dir: Path, status: dict[str, Any]) -> None:
+    """Replace the live status file with `status` (LiveStatus.to_json()); a failure costs only `status`."""
     try:
         write_atomic(Path(data_dir) / STATUSFILE, json.dumps(status, indent=1, default=str), durable=False)
     except OSError as e:
         log.debug("cannot write the status file: %s", e)
 
 
-def read_status(data_dir: Path) -> dict[str, Any] | None:
-    """The live status the running daemon writes, or None when no daemon runs."""
+def read_status(data_dir: Path) -> LiveStatus | None:
+    """The live status the running daemon writes, or None when no daemon runs. A file that is
+    missing, unreadable or another process's reads as the daemon starting."""
     pid = running_pid(data_dir)
     if pid is None:
         return None
     try:
-        status = json.loads((Path(data_dir) / STATUSFILE).read_text())
-    except (OSError, ValueError):
-        status = {}
-    if status.get("pid") != pid:
-        status = {"pid": pid, "state": "starting"}
-    return status
+        status = LiveStatus.from_json(json.loads((Path(data_dir) / STATUSFILE).read_text()))
+    except (OSError, ValueError, RecursionError):
+        status = None
+    return status if status is not None and status.pid == pid else LiveStatus(pid=pid)
 
 
 def _wait(check: Callable[[], bool], timeout: float, step: float = 0.1,
@@ -220,8 +220,9 @@ def detach(config_path: Path, data_dir: Path, run_args: list[str], timeout: floa
                                 close_fds=True, **_DETACH)
 
     def up() -> bool:
-        status = read_status(data_dir) or {}
-        return proc.poll() is not None or (status.get("pid") == proc.pid and status.get("state") == "running")
+        status = read_status(data_dir)
+        return proc.poll() is not None or (status is not None and status.pid == proc.pid
+                                           and status.state is Step.RUNNING)
 
     if not _wait(up, timeout, 0.2) or proc.poll() is not None:
         if proc.poll() is None:
@@ -230,23 +231,21 @@ def detach(config_path: Path, data_dir: Path, run_args: list[str], timeout: floa
     return proc.pid
 
 
-def stop_progress(status: dict[str, Any], grace: float, since: float | None, now: float) -> str:
+def stop_progress(status: LiveStatus, grace: float, since: float | None, now: float) -> str:
     """ "draining, 2 tasks left, 250 s of grace left": where a stop stands, from the status file.
 
     The grace runs from the daemon's "stop_requested_at" when it writes one, else from `since`.
     """
-    state = status.get("state") or "starting"
-    tasks = len(status.get("tasks") or [])
-    parts = [state, f"{tasks} task{'' if tasks == 1 else 's'} left"]
-    began = status.get("stop_requested_at") or since
-    if state == "draining" and isinstance(began, (int, float)):
+    tasks = len(status.tasks)
+    parts = [status.state_name, f"{tasks} task{'' if tasks == 1 else 's'} left"]
+    began = status.stop_requested_at or since
+    if status.state is Step.DRAINING and began is not None:
         parts.append(f"{max(0.0, began + grace - now):.0f} s of grace left")
     return ", ".join(parts)
 
 
-def _step(status: dict[str, Any]) -> int:
-    state = status.get("state")
-    return LADDER.index(state) if state in LADDER else 0  # "starting": not stopping yet
+def _step(status: LiveStatus) -> Step:
+    return status.state or Step.RUNNING  # starting: not stopping yet
 
 
 def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None],
@@ -261,10 +260,10 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
     proc = psutil.Process(pid)
     since = time.time()
 
-    def status() -> dict[str, Any]:
-        return read_status(data_dir) or {}
+    def status() -> LiveStatus:
+        return read_status(data_dir) or LiveStatus(pid=None)
 
-    if _step(status()) >= LADDER.index("draining") and not force:
+    if _step(status()) >= Step.DRAINING and not force:
         say(f"a stop is already under way for pid {pid} ({stop_progress(status(), grace, None, time.time())}); "
             "to cancel the running tasks now: `agent-core stop --force`")
         return
@@ -282,10 +281,10 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
             return
         say(f"sent {how} to pid {pid}: {step}")
 
-    def step_to(target: str) -> None:
-        for _ in range(LADDER.index(target) - _step(status())):
+    def step_to(target: Step) -> None:
+        for _ in range(target - _step(status())):
             before = _step(status())
-            signal_step(f"{'draining' if before == 0 else 'cancelling'} running tasks")
+            signal_step(f"{Step(before + 1).state} running tasks")
             # a next signal must not be merged with this one: wait until the daemon has taken it
             _wait(lambda: gone() or _step(status()) > before, 5.0)
             if gone():
@@ -297,12 +296,12 @@ def stop(data_dir: Path, *, force: bool, grace: float, say: Callable[[str], None
             return True
         return False
 
-    step_to("cancelling" if force else "draining")
+    step_to(Step.CANCELLING if force else Step.DRAINING)
     # the daemon moves to cancelling by itself after `grace`; cancelling takes ~10 s per container
     if stopped((5.0 if force else grace) + 40.0):
         return
     if not force:
-        step_to("cancelling")
+        step_to(Step.CANCELLING)
         if stopped(40.0):
             return
     try:

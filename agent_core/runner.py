@@ -6,11 +6,16 @@ A runner can start at any stage (crash recovery replays the journal). A cancel,
 whether from the server, the task timeout or the shutdown ladder, arrives as
 `cancel(reason)` and ends the container with `stop`; the stages that follow still
 run, so even a cancelled task has its outputs uploaded and its end reported.
+
+In copy mode (`Deps.workspace_mode`) the container has no bind: the staging goes in between
+create and start, and /workspace comes back into the workspace folder after the exit, before
+the exit is journaled, so a restart in between copies it out again from the container, which
+is removed only then.
 """
 
 from __future__ import annotations
 
-import enum
+import functools
 import logging
 import os
 import threading
@@ -19,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from agent_core import logs
+from agent_core import archive, logs
 from agent_core import workspace as wsmod
-from agent_core.client import Backoff, Client
+from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable, ServerError,
                                JournalError, ServerRejected, ServerUnavailable, TaskGone, UploadRefused,
@@ -29,30 +34,16 @@ from agent_core.errors import (AgentError, ContainerVanished, DockerUnavailable,
 from agent_core.executor import Backend, Owner, State, build_spec
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, Stage, TaskRecord
+from agent_core.lifecycle import Lifecycle
+from agent_core.livestatus import TaskEntry
+from agent_core.metrics import Metrics
+from agent_core.outcome import ERROR_MESSAGE_CHARS, CancelReason, Ended, decide
 from agent_core.protocol import Completion
 
 log = logging.getLogger(__name__)
 
 STDOUT_IN_OUTPUT = 64 * 1024
-ERROR_MESSAGE_CHARS = 2000
 STOP_GRACE_SECS = 10
-DOWNLOAD_BACKOFF_SECS = 2.0      # between rounds of download attempts (the client retries within a round)
-DOWNLOAD_BACKOFF_CAP_SECS = 60.0
-
-
-class CancelReason(enum.Enum):
-    SERVER = "server"
-    TIMEOUT = "timeout"
-    AGENT_STOPPING = "agent_stopping"
-
-
-def cancel_outcome(reason: CancelReason, timeout_secs: int) -> tuple[str, str]:
-    """The one place that maps why a task was stopped to what `complete` says."""
-    if reason is CancelReason.SERVER:
-        return "cancelled", "cancelled on request"
-    if reason is CancelReason.TIMEOUT:
-        return "failed", f"timed out after {timeout_secs} s"
-    return "failed", "agent shutting down"
 
 
 class Abandoned(Exception):
@@ -66,6 +57,8 @@ class Deps:
     cfg: Config
     client: Client
     executor: Backend
+    lifecycle: Lifecycle  # the client's: its exit-now step leaves the task to the next start
+    metrics: Metrics
     journal: Journal
     owner: Owner  # whose containers this agent may touch
     janitor: Janitor
@@ -74,6 +67,13 @@ class Deps:
     changed: Callable[[], None]      # live status needs rewriting
     launch_result: Callable[[AgentError | None], None]  # each launch's outcome, for the breaker
     journal_failed: Callable[[AgentError], None]        # a journal write failed (a full disk)
+    # How /workspace reaches the container (archive.BIND or archive.COPY); "" takes
+    # executor.workspace. The one place a runner learns it: an engine of its own may say otherwise.
+    workspace_mode: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.workspace_mode:
+            self.workspace_mode = self.cfg.executor.workspace
 
 
 class TaskRunner:
@@ -102,6 +102,7 @@ class TaskRunner:
         self.log = logging.LoggerAdapter(log, {"task_id": self.task_id})
         self.thread = threading.Thread(target=self._run, name=f"task-{self.task_id[:16]}", daemon=True)
         self.workspace = wsmod.Workspace.for_task(deps.cfg.paths.data_dir, self.task_id)
+        self._copy = deps.workspace_mode == archive.COPY  # the workspace travels through the engine's API
 
     def start(self) -> None:
         self.thread.start()
@@ -169,7 +170,7 @@ class TaskRunner:
     def transferring(self) -> bool:
         return self.phase in ("downloading", "uploading")
 
-    def live(self) -> dict:
+    def live(self) -> TaskEntry:
         """This task for the status file: timestamps, not ages (`status` computes those)."""
         with self._lock:
             progress, current = dict(self._progress), self._downloading
@@ -178,9 +179,8 @@ class TaskRunner:
                 progress["down_bytes"] += os.lstat(current).st_size
             except OSError:
                 pass
-        return {"id": self.task_id, "stage": self.phase, "started_at": self.started,
-                "stage_since": self.stage_since, "container": (self.record.container_id or "")[:12] or None,
-                "progress": progress}
+        return TaskEntry(id=self.task_id, stage=self.phase, started_at=self.started, stage_since=self.stage_since,
+                         container=(self.record.container_id or "")[:12] or None, progress=progress)
 
     def _run(self) -> None:
         logs.current_task.set(self.task_id)  # every line this thread logs names the task
@@ -215,7 +215,7 @@ class TaskRunner:
             self._on_done(self)
 
     def _check_exiting(self) -> None:
-        if self.deps.client.abort.is_set():
+        if self.deps.lifecycle.exiting.is_set():
             raise Abandoned()
 
     def _stage_inputs(self) -> None:
@@ -239,7 +239,9 @@ class TaskRunner:
                 rel, path = ws.input_path(index, f.filename, count=len(task.input_files))
                 self._downloading = path
                 try:
-                    size = self._download(f.id, path)
+                    # retried through an outage (which must not fail the task) until a cancel
+                    size = self.deps.client.download(f.id, functools.partial(wsmod.open_input, path),
+                                                     cfg.limits.max_input_bytes, cancel=self._cancelled)
                 except BaseException:
                     self._downloading = None
                     raise
@@ -253,34 +255,20 @@ class TaskRunner:
         ws.write_task_json(task, local_paths)
         self._save(Stage.STAGED)
 
-    def _download(self, file_id: str, path: Path) -> int:
-        """One input file, retried while the server is unavailable: an outage must not fail the task."""
-        backoff = Backoff(DOWNLOAD_BACKOFF_SECS, DOWNLOAD_BACKOFF_CAP_SECS)
-        while True:
-            try:
-                return self.deps.client.download(file_id, path, self.deps.cfg.limits.max_input_bytes)
-            except ServerUnavailable as e:
-                self._check_exiting()
-                if self._cancelled.is_set():
-                    raise
-                pause = backoff.next()
-                self.log.warning("task %s: download of input %s failed, trying again in %.0f s: %s",
-                                 self.task_id, file_id, pause, e)
-            self._cancelled.wait(pause)  # a cancel cuts the wait short
-
     def _launch(self) -> None:
         if self._cancelled.is_set():
             return
         self._phase("starting")
         deps = self.deps
         try:
-            spec = build_spec(deps.cfg, task_id=self.task_id, workspace=self.workspace.root, owner=deps.owner)
+            spec = build_spec(deps.cfg, task_id=self.task_id, owner=deps.owner,
+                              workspace=None if self._copy else self.workspace.root)
             container_id = self._docker(lambda: deps.executor.create(spec, deps.owner))
             with self._lock:
                 self.record.container_id = container_id
                 self.record.launched_at = time.time()
             self._save(Stage.LAUNCHED)
-            self._docker(lambda: deps.executor.start(container_id))
+            self._docker(lambda: self._start(container_id))
         except AgentError as e:
             deps.launch_result(e)
             raise
@@ -288,6 +276,14 @@ class TaskRunner:
         self.log.info("task %s: container %s started (image %s)", self.task_id, container_id[:12], spec.image)
         if self._cancelled.is_set():  # a cancel that came between create and start
             self._stop_container(container_id)
+
+    def _start(self, container_id: str) -> None:
+        """Start the created container; in copy mode, its workspace goes in first (again, after a
+        crash in between: unpacking the same files once more replaces them)."""
+        if self._copy:
+            self.deps.executor.put_archive(container_id, wsmod.WORKSPACE_MOUNT,
+                                           archive.workspace_tar(self.workspace.root))
+        self.deps.executor.start(container_id)
 
     def _docker(self, call: Callable):
         try:
@@ -308,7 +304,7 @@ class TaskRunner:
             if not found.owned_by(deps.owner, self.task_id):  # never wait on, or report, another's
                 raise ContainerVanished(f"container {rec.container_id[:12]} is no longer this agent's")
             if found.state is State.CREATED:  # we crashed between create and start
-                deps.executor.start(rec.container_id)
+                self._start(rec.container_id)
         timeout = deps.cfg.executor.timeout_secs
         timer = None
         if timeout:
@@ -324,8 +320,11 @@ class TaskRunner:
             if timer:
                 timer.cancel()
         ws = self.workspace
-        deps.executor.save_logs(rec.container_id, lambda: ws.create_log(wsmod.STDOUT_LOG),
-                                lambda: ws.create_log(wsmod.STDERR_LOG), deps.cfg.limits.log_max_bytes)
+        self._riding_out("reading the logs", lambda: deps.executor.save_logs(
+            rec.container_id, lambda: ws.create_log(wsmod.STDOUT_LOG), lambda: ws.create_log(wsmod.STDERR_LOG),
+            deps.cfg.limits.log_max_bytes))
+        if self._copy:  # before EXITED: a restart before the end copies out again, from the container still there
+            self._copy_out(rec.container_id)
         with self._lock:
             if self._resumed and exit_.code == 0 and self._cancel_reason is CancelReason.AGENT_STOPPING:
                 # an earlier run's shutdown could not stop it (no engine then); it completed: that stands
@@ -340,11 +339,30 @@ class TaskRunner:
 
     def _wait(self, container_id: str):
         """Wait for the container, riding out an engine restart."""
+        return self._riding_out("waiting", lambda: self.deps.executor.wait(container_id))
+
+    def _copy_out(self, container_id: str) -> None:
+        """/workspace of the ended container into the workspace folder (what an earlier, interrupted
+        copy-out left goes first); what was skipped is kept for `_collect` with the agent's files."""
+        self._phase("copying out")
+        ws, limits = self.workspace, self.deps.cfg.limits
+
+        def copy() -> list[wsmod.Skipped]:
+            archive.clear_outputs(ws.root)
+            return archive.extract_outputs(self.deps.executor.get_archive(container_id, archive.COPY_OUT_PATH),
+                                           ws.root, limits)
+
+        archive.save_skipped(ws.copy_skipped, self._riding_out("copying out", copy))
+
+    def _riding_out(self, doing: str, call: Callable):
+        """`call()`, again after an engine restart: the container outlives the engine's absence."""
         while True:
             try:
-                return self.deps.executor.wait(container_id)
+                return call()
             except DockerUnavailable as e:
-                self.log.warning("task %s: lost the Docker engine while waiting: %s", self.task_id, e)
+                self.log.warning("task %s: lost the container engine while %s: %s", self.task_id, doing, e)
+                with self._lock:
+                    self.record.engine_lost = True  # an exit code 137 then says who killed it
                 self.deps.engine_down()
                 if not self.deps.engine_wait():
                     raise Abandoned() from None
@@ -366,19 +384,16 @@ class TaskRunner:
         self._save(Stage.EXITED)
 
     def _outcome(self) -> tuple[str, str | None]:
-        rec, cfg = self.record, self.deps.cfg
-        if rec.cancel_reason:
-            return cancel_outcome(CancelReason(rec.cancel_reason), cfg.executor.timeout_secs)
-        if rec.error:
-            return "failed", rec.error
-        if rec.exit_code == 0:
-            return "completed", None
-        detail = (wsmod.read_tail(self.workspace.stderr_log, ERROR_MESSAGE_CHARS).strip()
-                  or wsmod.read_tail(self.workspace.stdout_log, ERROR_MESSAGE_CHARS).strip())
-        message = f"exit code {rec.exit_code}"
-        if rec.oom_killed:
-            message += f" (out of memory: executor.memory_limit = {cfg.executor.memory_limit})"
-        return "failed", f"{message}: {detail[-ERROR_MESSAGE_CHARS:]}" if detail else message
+        rec, cfg, ws = self.record, self.deps.cfg, self.workspace
+        ended = Ended(exit_code=rec.exit_code, oom_killed=rec.oom_killed, error=rec.error,
+                      cancel_reason=CancelReason(rec.cancel_reason) if rec.cancel_reason else None,
+                      engine_lost=rec.engine_lost)
+        tail = ""
+        if rec.exit_code not in (0, None) and not rec.cancel_reason and not rec.error:
+            tail = (wsmod.read_tail(ws.stderr_log, ERROR_MESSAGE_CHARS).strip()
+                    or wsmod.read_tail(ws.stdout_log, ERROR_MESSAGE_CHARS).strip())
+        return decide(ended, timeout_secs=cfg.executor.timeout_secs, memory_limit=cfg.executor.memory_limit,
+                      log_tail=tail)
 
     def _collect(self) -> None:
         rec, ws = self.record, self.workspace
@@ -392,6 +407,8 @@ class TaskRunner:
             self._phase("uploading")
             began = time.monotonic()
             scan = wsmod.scan_outputs(ws.root, self.deps.cfg.limits)
+            if self._copy:  # what the copy-out left in the container is listed as a scan lists it
+                scan = scan.with_skipped(archive.load_skipped(ws.copy_skipped))
             summary = scan.summary()
             skipped, skipped_count = list(summary["skipped"]), summary["skipped_count"]
             self._progress = {"up_files": 0, "up_files_total": len(scan.files), "up_bytes": 0,
@@ -450,7 +467,7 @@ class TaskRunner:
             self._complete(completion)
             self.log.info("task %s: %s%s", self.task_id, completion.status,
                           f" ({completion.error_message[:200]})" if completion.error_message else "")
-            self.deps.client.metrics.task_finished(completion.status, time.time() - self.started)
+            self.deps.metrics.task_finished(completion.status, time.time() - self.started)
         except TaskGone as e:
             self.log.warning("task %s: the server no longer takes its result: %s", self.task_id, e)
         except ServerUnavailable:

@@ -5,11 +5,11 @@ heartbeat thread on its own clock, and short-lived threads for reports that
 must not hold up polling. Nothing sleeps blindly: waits are on `_wakeup`, which
 a finishing task or a signal sets.
 
-Shutdown ladder (`request_stop` moves it one step):
-  1 drain      - no new tasks; running ones finish and are reported; heartbeats go on;
+Shutdown ladder (lifecycle.Step; `request_stop` moves it one step):
+  1 draining   - no new tasks; running ones finish and are reported; heartbeats go on;
                  after `shutdown_grace_secs` step 2 follows by itself
-  2 cancel_all - containers are stopped and reported failed ("agent shutting down")
-  3 exit_now   - leave at once; the journal lets the next start recover the tasks
+  2 cancelling - containers are stopped and reported failed ("agent shutting down")
+  3 exiting    - leave at once; the journal lets the next start recover the tasks
 """
 
 from __future__ import annotations
@@ -22,26 +22,29 @@ from pathlib import Path
 
 from agent_core import preflight, process
 from agent_core import workspace as wsmod
-from agent_core.client import Backoff, Client
+from agent_core.budget import Backoff
+from agent_core.client import Client
 from agent_core.config import Config
 from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, ServerError,
                                ServerUnavailable, TaskGone, UnsafePath, WorkspaceError)
 from agent_core.executor import Backend, Owner
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, TaskRecord
+from agent_core.lifecycle import Lifecycle, Step
+from agent_core.livestatus import EngineSeen, LastError, LiveStatus
+from agent_core.metrics import Metrics
 from agent_core.protocol import Completion, Heartbeat, Task
-from agent_core.runner import CancelReason, Deps, TaskRunner
+from agent_core.outcome import CancelReason
+from agent_core.runner import Deps, TaskRunner
 
 log = logging.getLogger(__name__)
 
-RUNNING, DRAINING, CANCELLING, EXITING = range(4)
 STATUS_EVERY_SECS = 0.5
 TRANSFER_STATUS_SECS = 0.5    # extra wait between status rewrites while bytes move
 LAUNCH_FAILURES_TO_PAUSE = 3  # of one kind in a row (image, network, user): then intake pauses
 JOURNAL_ROOM_MB = 16          # free space that ends a pause caused by a failed journal write
 ENGINE_WAIT_CHECK_SECS = 1.0  # how soon a task waiting for a lost engine notices the cancel step
 RECHECK_SECS = 10.0           # how often a paused agent checks whether the cause is gone
-STATE_NAMES = process.LADDER  # the status file's "state", read back by `stop`
 
 
 def _clock(when: float) -> str:
@@ -58,7 +61,7 @@ class _Throttled:
 
     def __init__(self, every: float = 60.0):
         self.every, self._last = every, {}
-        self.errors: dict[str, dict] = {}  # kind -> {"at": epoch, "message": str}
+        self.errors: dict[str, LastError] = {}  # by kind
 
     def warning(self, key: str, msg: str, *args: object) -> None:
         self.note(key, msg % args)
@@ -69,17 +72,22 @@ class _Throttled:
 
     def note(self, key: str, message: str) -> None:
         """Remember a problem for `status` that was logged elsewhere."""
-        self.errors[key] = {"at": time.time(), "message": message}
+        self.errors[key] = LastError(at=time.time(), message=message)
 
     def clear(self, key: str) -> bool:
         return self._last.pop(key, None) is not None
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, client: Client, executor: Backend, *, burst: bool = False):
+    """`lifecycle` is the one the client was built with: the ladder moves it, and its exit-now
+    step cuts the client's retries short. `metrics` hears the load and each task's outcome."""
+
+    def __init__(self, cfg: Config, client: Client, executor: Backend, *, lifecycle: Lifecycle,
+                 metrics: Metrics | None = None, burst: bool = False):
         self.cfg = cfg
         self.client = client
         self.executor = executor
+        self.lifecycle = lifecycle
         self.burst = burst  # leave once the queue is empty and nothing runs (tests, benchmarks)
         self.capacity = cfg.executor.capacity
         self.service_id = client.service_id or ""
@@ -90,30 +98,30 @@ class Scheduler:
             lambda entry: executor.purge(cfg.executor.image, entry, self.owner))
         self.janitor = Janitor(cfg.paths.data_dir, purge)
         self.exit_code = 0
-        self.step = RUNNING
         self.last_poll: float | None = None
         self.last_heartbeat: float | None = None
-        self.stop_requested_at: float | None = None
         self.started = time.time()
         self._runners: dict[str, TaskRunner] = {}
         self._side_jobs: set[str] = set()  # task ids with a report under way outside a runner
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
-        self._stopping = threading.Event()  # set from the first stop step on: a waiting poll gives up
         self._hb_stop = threading.Event()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._status_dirty = threading.Event()
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
         self._engine_ok = threading.Event()
         self._engine_ok.set()
+        self._engine: EngineSeen | None = None  # the engine as last reached, for status
         self._quiet = _Throttled()
         self._launch_failures: dict[str, int] = {}
         self._paused: tuple[preflight.Problem, float] | None = None  # the breaker, and since when
         self._disk_low: str | None = None
         self._journal_broken = False
         self._server_down: tuple[float, str] | None = None  # since when, and why
-        self._deps = Deps(cfg=cfg, client=client, executor=executor, journal=self.journal,
-                          owner=self.owner, janitor=self.janitor, engine_down=self._engine_down,
+        metrics = metrics or Metrics()
+        metrics.watch(running=lambda: self.load, capacity=self.capacity)
+        self._deps = Deps(cfg=cfg, client=client, executor=executor, lifecycle=lifecycle, metrics=metrics,
+                          journal=self.journal, owner=self.owner, janitor=self.janitor, engine_down=self._engine_down,
                           engine_wait=self._engine_wait, changed=self._status_dirty.set,
                           launch_result=self._launch_result, journal_failed=self._journal_failed)
 
@@ -126,6 +134,7 @@ class Scheduler:
 
     def run(self) -> int:
         """Serve until stopped (or, in burst mode, until idle); returns the exit code."""
+        self._describe_engine()
         self._recover()
         self._hb_thread.start()
         self._status_thread.start()
@@ -144,18 +153,15 @@ class Scheduler:
 
     def request_stop(self) -> None:
         """One more step down the ladder (signal handlers call this)."""
-        self.step = min(self.step + 1, EXITING)
-        self.stop_requested_at = self.stop_requested_at or time.time()
-        self._stopping.set()
-        log.info("stop requested: %s", STATE_NAMES[self.step])
+        step = self.lifecycle.advance()
+        log.info("stop requested: %s", step.state)
         self._wakeup.set()
-        if self.step == EXITING:
+        if step is Step.EXITING:
             self.exit_now()
         self.write_status()  # `stop` watches the state to know the signal was taken
 
     def drain(self) -> None:
-        self.step = max(self.step, DRAINING)
-        self._stopping.set()
+        self.lifecycle.reach(Step.DRAINING)
         self._wakeup.set()
 
     def cancel_all(self, reason: CancelReason) -> None:
@@ -165,8 +171,8 @@ class Scheduler:
             runner.cancel(reason)
 
     def exit_now(self) -> None:
-        self.client.abort.set()
-        self._engine_ok.set()
+        self.lifecycle.exit_now()
+        self._engine_ok.set()  # runners waiting for a lost engine go on, see the exit and leave
         raise ExitNow(1)
 
     # --- supervisor -------------------------------------------------------------
@@ -178,21 +184,22 @@ class Scheduler:
     def _supervise(self) -> None:
         backoff = Backoff()
         interval = self.cfg.server.poll_interval_secs
-        while self.step == RUNNING:
+        while self.lifecycle.step is Step.RUNNING:
             self._disk_ok()  # once per poll: decides intake (_can_take_work) and what status says
             try:
-                result = self.client.poll(self.load, self.capacity, interrupt=self._stopping)
+                result = self.client.poll(self.load, self.capacity, interrupt=self.lifecycle.stopping)
             except AuthRejected as e:
                 log.error("the server refused our credentials, stopping: %s", e)
                 self.exit_code = 1
                 self.drain()
                 return
             except ServerError as e:
-                if self.step != RUNNING:
+                if self.lifecycle.step is not Step.RUNNING:
                     return
                 self._server_trouble(e)
                 self._quiet.warning("poll", "poll failed (retrying with backoff): %s", e)
-                self._sleep(backoff.next())
+                # after a 429 the request budget already holds the next poll for Retry-After
+                self._sleep(0 if e.status == 429 else backoff.next())
                 continue
             if self._quiet.clear("poll"):
                 log.info("poll works again")
@@ -240,15 +247,16 @@ class Scheduler:
             except ServerError as e:
                 log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
             return False
-        try:
-            accepted = self.client.accept(task.id)
-        except ServerError as e:
-            accepted = False
-            log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
+        accepted = False
+        if self._engine_answers():  # an idle agent learns of a lost engine here, not from a lost task
+            try:
+                accepted = self.client.accept(task.id)
+            except ServerError as e:
+                log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
         if not accepted:
             with self._lock:
                 del self._runners[task.id]
-            return True
+            return self._engine_ok.is_set()
         try:
             self.journal.save(runner.record)
         except AgentError as e:
@@ -303,7 +311,7 @@ class Scheduler:
         threading.Thread(target=self._recheck, name="breaker", daemon=True).start()
 
     def _recheck(self) -> None:
-        while not self.client.abort.wait(RECHECK_SECS):
+        while not self.lifecycle.wait(RECHECK_SECS):
             if preflight.check(self.cfg, self.executor) is None:
                 with self._lock:
                     self._paused = None
@@ -367,26 +375,45 @@ class Scheduler:
         self._status_dirty.set()
         self._wakeup.set()
 
-    # --- the Docker engine ------------------------------------------------------
+    # --- the engine -------------------------------------------------------------
+
+    def _describe_engine(self) -> None:
+        """What status says about the engine: read at start and each time it is back."""
+        try:
+            self._engine = EngineSeen.of(self.executor.engine_info())
+        except DockerUnavailable:
+            self._engine_down()
+        except AgentError as e:  # an engine that answers but not as expected: status only lacks the line
+            log.warning("cannot describe the container engine: %s", e)
+        self._status_dirty.set()
+
+    def _engine_answers(self) -> bool:
+        try:
+            self.executor.ping()
+        except DockerUnavailable:
+            self._engine_down()
+            return False
+        return True
 
     def _engine_down(self) -> None:
         if self._engine_ok.is_set():
-            log.error("Docker engine unreachable: not taking tasks until it is back")
-            self._quiet.note("engine", "Docker engine unreachable")
+            log.error("container engine unreachable at %s: not taking tasks until it is back", self.executor.where)
+            self._quiet.note("engine", f"container engine unreachable at {self.executor.where}")
             self._engine_ok.clear()
             self._status_dirty.set()
             threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
 
     def _watch_engine(self) -> None:
         backoff = Backoff(1.0, 15.0)
-        while not self._engine_ok.is_set() and not self.client.abort.is_set():
+        while not self._engine_ok.is_set() and not self.lifecycle.exiting.is_set():
             try:
                 self.executor.ping()
             except DockerUnavailable:
-                self.client.abort.wait(backoff.next())
+                self.lifecycle.wait(backoff.next())
                 continue
-            log.info("Docker engine is back")
+            log.info("container engine is back at %s", self.executor.where)
             self._engine_ok.set()
+            self._describe_engine()  # it may have come back as another version
             self._wakeup.set()
 
     def _engine_wait(self) -> bool:
@@ -394,9 +421,9 @@ class Scheduler:
         instead: the agent exits, or is cancelling its tasks (a container it cannot reach cannot
         be stopped; the journal lets the next start finish the task)."""
         while not self._engine_ok.wait(ENGINE_WAIT_CHECK_SECS):  # the ladder moves without an event here
-            if self.step >= CANCELLING:
+            if self.lifecycle.step >= Step.CANCELLING:
                 return False
-        return not self.client.abort.is_set()
+        return not self.lifecycle.exiting.is_set()
 
     # --- heartbeats and live status ---------------------------------------------
 
@@ -458,25 +485,18 @@ class Scheduler:
             return f"server unreachable since {_clock(since)}: {why}"
         return None
 
-    def write_status(self) -> None:
+    def live_status(self) -> LiveStatus:
         with self._lock:
-            tasks = [r.live() for r in self._runners.values()]
-        process.write_status(self.cfg.paths.data_dir, {
-            "pid": os.getpid(),
-            "state": STATE_NAMES[self.step],
-            "reason": self.reason(),
-            "name": self.cfg.agent.name,
-            "started_at": self.started,
-            "stop_requested_at": self.stop_requested_at,
-            "service_id": self.service_id,
-            "capacity": self.capacity,
-            "engine_ok": self._engine_ok.is_set(),
-            "last_poll": self.last_poll,
-            "last_heartbeat": self.last_heartbeat,
-            "errors": dict(self._quiet.errors),
-            "tasks": tasks,
-            "requests": self.client.budget.snapshot(),
-        })
+            tasks = tuple(r.live() for r in self._runners.values())
+        return LiveStatus(
+            pid=os.getpid(), state=self.lifecycle.step, reason=self.reason(), name=self.cfg.agent.name,
+            started_at=self.started, stop_requested_at=self.lifecycle.stop_requested_at,
+            service_id=self.service_id, capacity=self.capacity, engine_ok=self._engine_ok.is_set(),
+            engine=self._engine, last_poll=self.last_poll, last_heartbeat=self.last_heartbeat,
+            errors=dict(self._quiet.errors), tasks=tasks, requests=self.client.budget.snapshot())
+
+    def write_status(self) -> None:
+        process.write_status(self.cfg.paths.data_dir, self.live_status().to_json())
 
     # --- start and stop ---------------------------------------------------------
 
@@ -530,10 +550,10 @@ class Scheduler:
         if self.load:
             log.info("draining: %d task(s) may finish within %.0f s", self.load, grace)
         deadline = time.monotonic() + grace
-        while self.load and self.step < CANCELLING and time.monotonic() < deadline:
+        while self.load and self.lifecycle.step < Step.CANCELLING and time.monotonic() < deadline:
             self._sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         if self.load:
-            self.step = max(self.step, CANCELLING)
+            self.lifecycle.reach(Step.CANCELLING)
             self.write_status()
             log.info("cancelling %d running task(s)", self.load)
             self.cancel_all(CancelReason.AGENT_STOPPING)

@@ -9,12 +9,14 @@ protocol.md §5:
         output/                           empty and writable by any uid
     <data_dir>/tasks/<task_id>/           the agent's own files for the task (0700, never mounted)
         stdout.log, stderr.log            the container's logs, capped
+        copy-skipped.json                 copy mode: what the copy-out left in the container, and why
 
 The rule for every path here: once a container has run, everything under its workspace is
 hostile (it runs as root inside and can plant links, FIFOs and devices at any name). So the
 agent writes nothing there after launch; its own files live in `tasks/`, which no container
 sees, and are still created O_NOFOLLOW|O_CREAT|O_EXCL through a directory fd (`create_private`)
-and read O_NOFOLLOW|O_NONBLOCK with an S_ISREG check (`read_tail`). In the workspace,
+and read O_NOFOLLOW|O_NONBLOCK with an S_ISREG check (`read_tail`). Inputs are written before
+launch, still O_NOFOLLOW (`open_input`). In the workspace,
 `scan_outputs` reads metadata only and never follows a symlink, `open_output` re-checks a file
 when it is opened for upload, and `remove_workspace` never follows a link while deleting. Only
 names that were sanitised (`safe_name`) or checked (`check_task_id`) are joined into paths.
@@ -48,6 +50,7 @@ INPUT_DIR = "input"
 OUTPUT_DIR = "output"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
+COPY_SKIPPED = "copy-skipped.json"
 WORKSPACE_MOUNT = "/workspace"  # where the container sees the workspace
 
 # A task id becomes a directory name and part of a container name (`agent-core-<owner>-<id>`);
@@ -57,15 +60,15 @@ _NAME_PUNCT = frozenset("._-+ ()[]@,=")
 MAX_NAME_BYTES = 150  # leaves room for the "NNN-" prefix under the usual 255-byte NAME_MAX
 _MAX_EXT_BYTES = 16   # a longer "extension" is just part of the name
 
-# Scan limits besides LimitsConfig. The walk looks at no more than max_output_files + _SCAN_SLACK
+# Scan limits besides LimitsConfig. The walk looks at no more than max_output_files + SCAN_SLACK
 # entries (the slack covers directories, links and files that end up skipped), reads at most
-# _MAX_NAMES_READ names in all, and descends at most _MAX_DEPTH directories: a container that
+# MAX_NAMES_READ names in all, and descends at most MAX_DEPTH directories: a container that
 # writes a million files or a very deep tree costs a bounded amount of memory and time.
-_SCAN_SLACK = 10_000
-_MAX_NAMES_READ = 1_000_000
-_MAX_DEPTH = 64
+SCAN_SLACK = 10_000
+MAX_NAMES_READ = 1_000_000
+MAX_DEPTH = 64
 _MAX_UNLOCK_DEPTH = 200  # one fd per level while unlocking; deeper trees are left to rmtree
-_ROOT_EXCLUDED = frozenset({TASK_JSON, INPUT_DIR})
+ROOT_EXCLUDED = frozenset({TASK_JSON, INPUT_DIR})
 
 _O_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_PATH opens a directory for use as dir_fd without needing read permission on it.
@@ -110,7 +113,7 @@ def safe_name(name: str) -> str:
     return name or "file"
 
 
-def _os_error(what: str, e: OSError) -> WorkspaceError:
+def os_error(what: str, e: OSError) -> WorkspaceError:
     """Translate an OSError at this module's edge; a full disk gets its own class."""
     cls = DiskFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else WorkspaceError
     return cls(f"{what}: {e.strerror or e}")
@@ -182,6 +185,10 @@ class Workspace:
     def stderr_log(self) -> Path:
         return self.meta / STDERR_LOG
 
+    @property
+    def copy_skipped(self) -> Path:
+        return self.meta / COPY_SKIPPED
+
     def exists(self) -> bool:
         try:
             return stat.S_ISDIR(os.lstat(self.root).st_mode)
@@ -207,7 +214,7 @@ class Workspace:
             _mkdir(self.meta.parent, 0o700, force_mode=False)
             _mkdir(self.meta, 0o700, force_mode=True)
         except OSError as e:
-            raise _os_error(f"cannot create workspace {self.root}", e) from None
+            raise os_error(f"cannot create workspace {self.root}", e) from None
 
     def input_path(self, index: int, filename: str, *, count: int = 0) -> tuple[str, Path]:
         """("input/NN-name", absolute path) for the `index`-th input (1-based, server order).
@@ -251,7 +258,7 @@ class Workspace:
             # The temp file is ".task.json.*": hidden, so a crash never leaves a fake output.
             write_atomic(self.task_json, text + "\n", mode=0o644)
         except OSError as e:
-            raise _os_error(f"cannot write {self.task_json}", e) from None
+            raise os_error(f"cannot write {self.task_json}", e) from None
 
 
     def create_log(self, name: str) -> BinaryIO:
@@ -277,8 +284,20 @@ def create_private(directory: Path, name: str) -> BinaryIO:
         finally:
             os.close(dir_fd)
     except OSError as e:
-        raise _os_error(f"cannot create {directory / name}", e) from None
+        raise os_error(f"cannot create {directory / name}", e) from None
     return os.fdopen(fd, "w+b")
+
+
+def open_input(path: Path) -> BinaryIO:
+    """`path` (from `Workspace.input_path`) opened empty for a download, once per attempt.
+    No container has run yet, but O_NOFOLLOW all the same: a link there is never written through.
+    0644 whatever the umask: the container may run as another user."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        os.fchmod(fd, 0o644)
+    except OSError as e:
+        raise os_error(f"cannot write input file {path.name}", e) from None
+    return os.fdopen(fd, "wb")
 
 
 def read_tail(path: Path, max_bytes: int) -> str:
@@ -310,6 +329,11 @@ class Skipped:
     count: int = 1  # > 1 when one entry stands for many (a directory's unexamined rest)
 
 
+def sorted_skipped(entries: list[Skipped]) -> list[Skipped]:
+    """Skipped entries in the order a result lists them."""
+    return sorted(entries, key=lambda s: (s.rel, s.reason))
+
+
 @dataclass(frozen=True)
 class ScanResult:
     files: list[OutputFile] = field(default_factory=list)
@@ -318,6 +342,10 @@ class ScanResult:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    def with_skipped(self, more: list[Skipped]) -> ScanResult:
+        """This result with `more` skipped entries (what a copy-out left behind), in the one order."""
+        return ScanResult(self.files, sorted_skipped(self.skipped + more))
 
     def summary(self, limit: int = 100) -> dict[str, Any]:
         """What was left out, JSON-able, for the task's output: at most `limit` entries plus a count."""
@@ -330,14 +358,14 @@ class ScanResult:
         return {"skipped": entries, "skipped_count": sum(s.count for s in self.skipped)}
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """A name from disk made safe to log and to put in JSON: bad bytes and controls escaped."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc"
                    else ch for ch in text)
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -347,7 +375,30 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _kind(mode: int) -> str:
+def not_examined_reason(max_entries: int) -> str:
+    return f"entries not examined: a scan looks at {max_entries} entries at most"
+
+
+def listing_stopped_reason() -> str:
+    return f"listing stopped: the scan reads at most {MAX_NAMES_READ} names"
+
+
+def depth_reason() -> str:
+    return f"nested deeper than {MAX_DEPTH} directories"
+
+
+def cap_reason(size: int, kept_files: int, kept_bytes: int, limits: LimitsConfig) -> str | None:
+    """Why a file of `size` bytes cannot be an output after `kept_files` files of `kept_bytes`; None if it can."""
+    if limits.max_output_file_bytes and size > limits.max_output_file_bytes:
+        return f"{size} bytes: over the per-file limit of {limits.max_output_file_bytes}"
+    if kept_files >= limits.max_output_files:
+        return f"over the limit of {limits.max_output_files} output files"
+    if kept_bytes + size > limits.max_output_bytes:
+        return f"{size} bytes: would bring the total over {limits.max_output_bytes}"
+    return None
+
+
+def kind_reason(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symbolic link (never followed)"
     if stat.S_ISFIFO(mode):
@@ -366,12 +417,12 @@ class _Walker:
         self.root = root
         self.max_entries = entry_budget
         self.entry_budget = entry_budget  # entries we may still lstat
-        self.names_left = _MAX_NAMES_READ  # names we may still read from directories
+        self.names_left = MAX_NAMES_READ  # names we may still read from directories
         self.found: list[OutputFile] = []
         self.skipped: list[Skipped] = []
 
     def skip(self, rel: str, reason: str, count: int = 1) -> None:
-        self.skipped.append(Skipped(_printable(rel) or ".", reason, count))
+        self.skipped.append(Skipped(printable(rel) or ".", reason, count))
 
     def _list(self, dir_fd: int, rel_dir: str) -> list[str]:
         """The smallest candidate names of a directory, within budget, sorted.
@@ -387,7 +438,7 @@ class _Walker:
             for entry in itertools.islice(it, self.names_left):
                 read += 1
                 name = entry.name
-                if name.startswith(".") or (at_root and name in _ROOT_EXCLUDED):
+                if name.startswith(".") or (at_root and name in ROOT_EXCLUDED):
                     continue  # hidden, task.json, input/: never outputs, not worth a mention
                 candidates += 1
                 yield name
@@ -400,16 +451,15 @@ class _Walker:
         self.names_left -= read
         self.entry_budget -= len(kept)
         if candidates > len(kept):
-            self.skip(rel_dir, f"entries not examined: a scan looks at {self.max_entries} entries at most",
-                      candidates - len(kept))
+            self.skip(rel_dir, not_examined_reason(self.max_entries), candidates - len(kept))
         if cut_short:
-            self.skip(rel_dir, f"listing stopped: the scan reads at most {_MAX_NAMES_READ} names")
+            self.skip(rel_dir, listing_stopped_reason())
         return kept
 
     def walk(self, dir_fd: int, rel_dir: str, depth: int) -> None:
         for name in self._list(dir_fd, rel_dir):
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            problem = _name_problem(name)
+            problem = name_problem(name)
             if problem:
                 self.skip(rel, problem)
                 continue
@@ -421,8 +471,8 @@ class _Walker:
             if stat.S_ISREG(st.st_mode):
                 self.found.append(OutputFile(rel, self.root / rel, st.st_size))
             elif stat.S_ISDIR(st.st_mode):
-                if depth + 1 > _MAX_DEPTH:
-                    self.skip(rel, f"nested deeper than {_MAX_DEPTH} directories")
+                if depth + 1 > MAX_DEPTH:
+                    self.skip(rel, depth_reason())
                     continue
                 try:
                     # O_NOFOLLOW: if the directory was swapped for a link since the lstat, this fails.
@@ -435,7 +485,7 @@ class _Walker:
                 finally:
                     os.close(sub)
             else:
-                self.skip(rel, _kind(st.st_mode))
+                self.skip(rel, kind_reason(st.st_mode))
 
 
 def scan_outputs(root: Path, limits: LimitsConfig) -> ScanResult:
@@ -455,28 +505,25 @@ def scan_outputs(root: Path, limits: LimitsConfig) -> ScanResult:
         root = root.resolve()  # only the agent-made part above the root can hold links
         fd = os.open(root, _O_NOFOLLOW_DIR)
     except OSError as e:
-        raise _os_error(f"cannot scan workspace {root}", e) from None
-    walker = _Walker(root, limits.max_output_files + _SCAN_SLACK)
+        raise os_error(f"cannot scan workspace {root}", e) from None
+    walker = _Walker(root, limits.max_output_files + SCAN_SLACK)
     try:
         walker.walk(fd, "", 0)
     except OSError as e:
-        raise _os_error(f"cannot scan workspace {root}", e) from None
+        raise os_error(f"cannot scan workspace {root}", e) from None
     finally:
         os.close(fd)
 
     files: list[OutputFile] = []
     total = 0
     for f in sorted(walker.found, key=lambda f: f.rel):
-        if limits.max_output_file_bytes and f.size > limits.max_output_file_bytes:
-            walker.skip(f.rel, f"{f.size} bytes: over the per-file limit of {limits.max_output_file_bytes}")
-        elif len(files) >= limits.max_output_files:
-            walker.skip(f.rel, f"over the limit of {limits.max_output_files} output files")
-        elif total + f.size > limits.max_output_bytes:
-            walker.skip(f.rel, f"{f.size} bytes: would bring the total over {limits.max_output_bytes}")
+        reason = cap_reason(f.size, len(files), total, limits)
+        if reason:
+            walker.skip(f.rel, reason)
         else:
             files.append(f)
             total += f.size
-    return ScanResult(files, sorted(walker.skipped, key=lambda s: (s.rel, s.reason)))
+    return ScanResult(files, sorted_skipped(walker.skipped))
 
 
 def open_output(path: Path, expected_size: int | None = None) -> BinaryIO:
@@ -492,7 +539,7 @@ def open_output(path: Path, expected_size: int | None = None) -> BinaryIO:
     path = Path(path)
     if not path.is_absolute() or os.path.normpath(path) != str(path) or len(path.parts) < 2:
         raise UnsafePath(f"not a plain absolute path: {_shorten(str(path), 200)}")
-    shown = _printable(str(path))
+    shown = printable(str(path))
     try:
         dir_fd = os.open("/", _O_WALK)
         try:
@@ -502,7 +549,7 @@ def open_output(path: Path, expected_size: int | None = None) -> BinaryIO:
                 dir_fd = next_fd
             before = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
             if not stat.S_ISREG(before.st_mode):  # refuse before opening: no open() on a device
-                raise UnsafePath(f"{shown} is no longer a regular file: {_kind(before.st_mode)}")
+                raise UnsafePath(f"{shown} is no longer a regular file: {kind_reason(before.st_mode)}")
             fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                          | os.O_CLOEXEC, dir_fd=dir_fd)
         finally:
@@ -512,7 +559,7 @@ def open_output(path: Path, expected_size: int | None = None) -> BinaryIO:
             raise UnsafePath(f"{shown}: a symbolic link or non-directory is in the path") from None
         if e.errno == errno.ENOENT:
             raise UnsafePath(f"{shown} vanished after the scan") from None
-        raise _os_error(f"cannot open output {shown}", e) from None
+        raise os_error(f"cannot open output {shown}", e) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
@@ -591,7 +638,7 @@ def remove_workspace(root: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise _os_error(f"cannot remove workspace {root}", e) from None
+        raise os_error(f"cannot remove workspace {root}", e) from None
     error: OSError | None = None
     for attempt in range(2):
         try:
@@ -606,7 +653,7 @@ def remove_workspace(root: Path) -> None:
         if attempt == 0:
             _unlock_dirs(root)
     assert error is not None
-    where = f" ({_printable(str(error.filename))})" if error.filename else ""
+    where = f" ({printable(str(error.filename))})" if error.filename else ""
     raise WorkspaceError(f"cannot remove workspace {root}: {error.strerror or error}{where}; "
                          "files the container created as another user may need removing as root")
 
@@ -619,7 +666,7 @@ def free_disk_mb(path: Path | str) -> int:
     try:
         return shutil.disk_usage(path).free // (1024 * 1024)
     except OSError as e:
-        raise _os_error(f"cannot read free disk space at {path}", e) from None
+        raise os_error(f"cannot read free disk space at {path}", e) from None
 
 
 def check_free_disk(path: Path | str, min_free_mb: int, inputs_bytes: int = 0) -> int:

@@ -88,8 +88,9 @@ class Agent:
 
 
 @pytest.fixture
-def make_agent(tmp_path, dev_server, dev_client, busybox_image, docker_cleanup):
-    """make_agent({"executor.capacity": 4, ...}) -> a registered Agent (dotted config keys)."""
+def make_agent(tmp_path, dev_server, dev_client, busybox_image, engine_settings, engine_cleanup):
+    """make_agent({"executor.capacity": 4, ...}) -> a registered Agent (dotted config keys), on the
+    test's `engine` (Docker unless the test is `@on_both_engines`)."""
     agents: list[Agent] = []
 
     def make(settings: dict[str, Any] | None = None) -> Agent:
@@ -101,12 +102,13 @@ def make_agent(tmp_path, dev_server, dev_client, busybox_image, docker_cleanup):
             "agent.heartbeat_interval_secs": 5,
             "agent.shutdown_grace_secs": 30,
             "paths.min_free_disk_mb": 0,
+            **engine_settings,
         }
         defaults.update(settings or {})
         root = tmp_path / f"agent{len(agents)}"
         root.mkdir()
         agent = Agent(root, dev_server.url, dev_client, defaults)
-        docker_cleanup.track_service(agent.service_id)
+        engine_cleanup.track_service(agent.service_id)
         agents.append(agent)
         return agent
 

@@ -1,18 +1,29 @@
-"""Fixtures for tests that need the real Docker engine and the offline test images.
+"""Fixtures for tests that need a real engine (Docker, or Podman) and the offline test images.
 
-`scripts/docker_env.sh` makes the engine reachable and imports the images (it never
-pulls). Without an engine a test is skipped, except with CI=true, where it fails.
+`scripts/docker_env.sh` makes the Docker engine reachable and imports the images (it never
+pulls); `scripts/podman_env.sh` starts a rootful Podman service on a socket of its own and
+copies the images into it. Without an engine a test is skipped, except with CI=true, where it fails.
 
     docker_engine    session  docker.DockerClient (busybox image ensured)
+    podman_engine    session  docker.DockerClient on the Podman service at podman_url() (images copied)
     busybox_image    session  "agent-core-test/busybox:latest"
     python_image     session  "agent-core-test/python:latest" (Debian bookworm + python3)
     docker_cleanup   function a Cleanup: .labels to put on containers, .track(id),
                               .track_service(sid); force-removes them all in teardown
     docker_executor  function an agent_core.executor.DockerExecutor on docker_engine
+
+The end-to-end core runs on both engines: `@on_both_engines` parametrizes `engine`
+("docker" unless a test says so), which these follow:
+
+    engine           function "docker", or the test's parameter
+    engine_client    function docker_engine or podman_engine, for tests that look at containers
+    engine_cleanup   function docker_cleanup, or a Cleanup on podman_engine
+    engine_settings  function the config keys that point an agent at the engine ({} for Docker)
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -26,6 +37,7 @@ from tests.helpers import in_ci, skip_or_fail_in_ci
 
 __all__ = [
     "BUSYBOX_IMAGE",
+    "ENGINES",
     "PYTHON_IMAGE",
     "TEST_ID_LABEL",
     "Cleanup",
@@ -33,11 +45,23 @@ __all__ = [
     "docker_cleanup",
     "docker_engine",
     "docker_executor",
+    "engine",
+    "engine_cleanup",
+    "engine_client",
+    "engine_settings",
+    "on_both_engines",
+    "podman_engine",
+    "podman_url",
     "python_image",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER_ENV = ROOT / "scripts" / "docker_env.sh"
+PODMAN_ENV = ROOT / "scripts" / "podman_env.sh"
+PODMAN_URL_VAR = "AGENT_CORE_PODMAN_URL"  # scripts/test.sh exports it after podman_env.sh
+PODMAN_DEFAULT_URL = "unix:///run/agent-core-podman/podman.sock"  # podman_env.sh's socket
+ENGINES = ("docker", "podman")
+on_both_engines = pytest.mark.parametrize("engine", ENGINES)
 BUSYBOX_IMAGE = "agent-core-test/busybox:latest"
 PYTHON_IMAGE = "agent-core-test/python:latest"
 TEST_ID_LABEL = "agent-core.test-id"
@@ -46,26 +70,30 @@ SERVICE_LABEL = "agent-core.service_id"
 SCRIPT_TIMEOUT_SECS = 1200  # a cold debootstrap of the python image takes about a minute here
 
 
-def _unavailable(reason: str) -> None:
-    skip_or_fail_in_ci(f"Docker {'is required with CI=true' if in_ci() else 'not available'}: {reason}")
+def _unavailable(reason: str, engine: str = "Docker") -> None:
+    skip_or_fail_in_ci(f"{engine} {'is required with CI=true' if in_ci() else 'not available'}: {reason}")
 
 
-def _run_docker_env(*args: str) -> None:
-    """Run scripts/docker_env.sh; skip (or fail in CI) with its last error line."""
+def _run_env_script(script: Path, *args: str, engine: str = "Docker") -> None:
+    """Run scripts/docker_env.sh or podman_env.sh; skip (or fail in CI) with its last error line."""
     try:
         proc = subprocess.run(
-            ["bash", str(DOCKER_ENV), *args],
+            ["bash", str(script), *args],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_SECS,
         )
     except subprocess.TimeoutExpired:
-        _unavailable(f"{DOCKER_ENV.name} {' '.join(args)} took over {SCRIPT_TIMEOUT_SECS}s")
+        _unavailable(f"{script.name} {' '.join(args)} took over {SCRIPT_TIMEOUT_SECS}s", engine)
         return
     except OSError as e:
-        _unavailable(f"cannot run {DOCKER_ENV}: {e}")
+        _unavailable(f"cannot run {script}: {e}", engine)
         return
     if proc.returncode != 0:
         lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()
-        _unavailable(f"{DOCKER_ENV.name} {' '.join(args)} failed: {lines[-1]}")
+        _unavailable(f"{script.name} {' '.join(args)} failed: {lines[-1]}", engine)
+
+
+def _run_docker_env(*args: str) -> None:
+    _run_env_script(DOCKER_ENV, *args)
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +110,49 @@ def docker_engine() -> Iterator[docker.DockerClient]:
         yield client
     finally:
         client.close()
+
+
+def podman_url() -> str:
+    """Where the tests' Podman service listens: what scripts/test.sh exported, or podman_env.sh's socket."""
+    return os.environ.get(PODMAN_URL_VAR) or PODMAN_DEFAULT_URL
+
+
+@pytest.fixture(scope="session")
+def podman_engine(docker_engine: docker.DockerClient) -> Iterator[docker.DockerClient]:
+    """A client for the tests' rootful Podman service, which has the test images Docker has.
+
+    Unless scripts/test.sh already did (and exported its URL), podman_env.sh starts the
+    service and copies the images; it needs Docker's images, hence docker_engine."""
+    if not os.environ.get(PODMAN_URL_VAR):
+        _run_env_script(PODMAN_ENV, engine="Podman")
+    url = podman_url()
+    try:
+        client = docker.DockerClient(base_url=url, max_pool_size=32)
+        client.ping()
+    except Exception as e:  # noqa: BLE001 - any failure here means "no engine"
+        _unavailable(f"the Podman service at {url} does not answer: {e}", "Podman")
+        return
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def engine() -> str:
+    """The engine a test runs on: Docker, unless it is parametrized (`@on_both_engines`)."""
+    return "docker"
+
+
+@pytest.fixture
+def engine_client(engine: str, request: pytest.FixtureRequest) -> docker.DockerClient:
+    return request.getfixturevalue(f"{engine}_engine")
+
+
+@pytest.fixture
+def engine_settings(engine: str, engine_client: docker.DockerClient) -> dict[str, str]:
+    """The config keys that send an agent's tasks to `engine` (none for Docker: its defaults)."""
+    return {} if engine == "docker" else {"executor.engine": engine, "executor.engine_url": podman_url()}
 
 
 @pytest.fixture(scope="session")
@@ -150,13 +221,26 @@ class Cleanup:
         return errors
 
 
-@pytest.fixture
-def docker_cleanup(docker_engine: docker.DockerClient) -> Iterator[Cleanup]:
-    cleanup = Cleanup(docker_engine)
+def _cleaned(client: docker.DockerClient) -> Iterator[Cleanup]:
+    cleanup = Cleanup(client)
     yield cleanup
     errors = cleanup.remove_all()
     if errors:
         pytest.fail("could not remove test containers: " + "; ".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def docker_cleanup(docker_engine: docker.DockerClient) -> Iterator[Cleanup]:
+    yield from _cleaned(docker_engine)
+
+
+@pytest.fixture
+def engine_cleanup(engine: str, engine_client: docker.DockerClient,
+                   request: pytest.FixtureRequest) -> Iterator[Cleanup]:
+    if engine == "docker":  # the one Cleanup a test that also asks for docker_cleanup shares
+        yield request.getfixturevalue("docker_cleanup")
+    else:
+        yield from _cleaned(engine_client)
 
 
 @pytest.fixture

@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 from agent_core import process
+from agent_core.lifecycle import Step
+from agent_core.livestatus import LiveStatus, TaskEntry
+
+STEPS = tuple(Step)
 
 
 def main() -> None:
@@ -24,16 +28,17 @@ def main() -> None:
     stopping = threading.Event()
 
     def write() -> None:
-        process.write_status(data_dir, {
-            "pid": os.getpid(), "state": process.LADDER[state["step"]], "stop_requested_at": state["requested"],
-            "tasks": [{"id": "t-1", "stage": "running", "started_at": time.time() - 30,
-                       "stage_since": time.time() - 5, "container": "abc"}]})
+        now = time.time()
+        process.write_status(data_dir, LiveStatus(
+            pid=os.getpid(), state=STEPS[state["step"]], stop_requested_at=state["requested"],
+            tasks=(TaskEntry(id="t-1", stage="running", started_at=now - 30, stage_since=now - 5,
+                             container="abc"),)).to_json())
 
     def on_term(_signum: int, _frame: object) -> None:
-        state["step"] = min(state["step"] + 1, len(process.LADDER) - 1)
+        state["step"] = min(state["step"] + 1, len(STEPS) - 1)
         state["requested"] = state["requested"] or time.time()
         with open(data_dir / "signals", "a") as f:
-            f.write(f"{process.LADDER[state['step']]}\n")
+            f.write(f"{STEPS[state['step']].state}\n")
         write()
         stopping.set()
 

@@ -11,20 +11,28 @@ A container is a record (id, name, labels from the spec, status created/running/
 `start` "runs" it: the script's outputs are written into the task's workspace (the spec's first
 bind), and unless it holds, it exits at once. Every method is thread-safe, and records its call
 in `calls` (method name, first argument).
+
+Without a bind (copy mode), /workspace is the container's `files` (path -> bytes) instead:
+`put_archive` unpacks a tar into it, `start` writes the outputs there, and `get_archive` sends
+it back (the contents of /workspace/.) as a tar in small chunks, or the script's raw `archive`,
+calling "get_archive_chunk" before every chunk after the first: a test can hold or break it half-way.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError
-from agent_core.executor import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Exit, Found, Owner, SavedLogs, State
+from agent_core.executor import LABEL_SERVICE, LABEL_TASK, ContainerSpec, EngineInfo, Exit, Found, Owner, SavedLogs, State
+from agent_core.workspace import WORKSPACE_MOUNT
 
 STOPPED_CODE = 137  # what a container ended by `stop` exits with (SIGKILL)
 
@@ -39,6 +47,7 @@ class Script:
     stderr: bytes = b""
     outputs: dict[str, bytes] = field(default_factory=dict)  # workspace-relative path -> bytes
     hold: bool = False  # keep running until the test calls `release` (or the runner `stop`)
+    archive: bytes | None = None  # copy mode: what get_archive sends instead of the container's files
 
 
 @dataclass
@@ -46,8 +55,9 @@ class Container:
     id: str
     name: str
     labels: dict[str, str]
-    workspace: Path
+    workspace: Path | None  # the bind; None: /workspace is `files`
     status: str = "created"
+    files: dict[str, bytes] = field(default_factory=dict)  # copy mode: /workspace, relative path -> bytes
     exit: Exit | None = None
     created: float = field(default_factory=time.time)
 
@@ -64,7 +74,8 @@ class Container:
 class Gate:
     """A call held at the gate: `reached` is set when it arrives; `release` lets it go on, or raise."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: int = 0) -> None:
+        self.after = after  # calls that pass before the one held
         self.reached = threading.Event()
         self._go = threading.Event()
         self._error: BaseException | None = None
@@ -82,6 +93,8 @@ class Gate:
 
 
 class FakeBackend:
+    where = "fake://engine"
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.containers: dict[str, Container] = {}  # by id; removed ones are gone
@@ -91,6 +104,7 @@ class FakeBackend:
         self._released: set[str] = set()  # tasks whose held containers may exit
         self._gates: list[Gate] = []  # every gate made, for close()
         self._faults: dict[str, list[Gate | list]] = {}  # method -> [Gate | [error, times left]]
+        self.put_names: dict[str, list[str]] = {}  # container id -> the files each put_archive brought
 
     # --- what a test sets up and looks at ----------------------------------------------
 
@@ -103,9 +117,9 @@ class FakeBackend:
         with self._cond:
             self._faults.setdefault(method, []).append([error, times])
 
-    def block(self, method: str) -> Gate:
-        """The next call of `method` waits at the returned gate."""
-        gate = Gate()
+    def block(self, method: str, after: int = 0) -> Gate:
+        """The next call of `method` (after `after` more) waits at the returned gate."""
+        gate = Gate(after)
         with self._cond:
             self._faults.setdefault(method, []).append(gate)
             self._gates.append(gate)
@@ -147,7 +161,10 @@ class FakeBackend:
             self.calls.append((method, arg))
             queue = self._faults.get(method) or []
             fault = queue[0] if queue else None
-            if isinstance(fault, Gate):
+            if isinstance(fault, Gate) and fault.after:
+                fault.after -= 1
+                fault = None
+            elif isinstance(fault, Gate):
                 queue.pop(0)
             elif fault is not None:
                 fault[1] -= 1
@@ -176,6 +193,10 @@ class FakeBackend:
     def ping(self) -> None:
         self._call("ping")
 
+    def engine_info(self) -> EngineInfo:
+        self._call("engine_info")
+        return EngineInfo(engine="fake", version="0", rootless=False, where=self.where)
+
     def image_present(self, image: str) -> bool:
         self._call("image_present", image)
         return self.image_ok
@@ -193,8 +214,9 @@ class FakeBackend:
         with self._cond:
             if any(c.name == spec.name for c in self.containers.values()):
                 raise ExecutorError(f"container name {spec.name} is in use")  # Docker's 409
+            bind = next((b for b in spec.binds if b.container == WORKSPACE_MOUNT), None)
             c = Container(id=uuid.uuid4().hex * 2, name=spec.name, labels=dict(spec.labels),
-                          workspace=Path(spec.binds[0].host))
+                          workspace=Path(bind.host) if bind else None)
             self.containers[c.id] = c
             return c.id
 
@@ -206,12 +228,48 @@ class FakeBackend:
                 return
             script = self._script(c.task_id)
             for rel, data in script.outputs.items():
+                if c.workspace is None:
+                    c.files[rel] = data
+                    continue
                 path = c.workspace / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             c.status = "running"
             if not script.hold or c.task_id in self._released:
                 self._exit(c, Exit(script.code, script.oom_killed))
+
+    def put_archive(self, container_id: str, path: str, stream: Iterable[bytes]) -> None:
+        self._call("put_archive", container_id)
+        data = b"".join(stream)
+        assert path == WORKSPACE_MOUNT
+        with self._cond:
+            c = self._get(container_id)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for member in tar:
+                    if member.isfile():
+                        c.files[member.name] = tar.extractfile(member).read()
+            self.put_names[container_id] = sorted(c.files)
+
+    def get_archive(self, container_id: str, path: str) -> Iterator[bytes]:
+        self._call("get_archive", container_id)
+        with self._cond:
+            c = self._get(container_id)
+            data = self._script(c.task_id).archive
+            if data is None:
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                    for rel, content in sorted(c.files.items()):
+                        info = tarfile.TarInfo(f"./{rel}")  # as Docker names the contents of a "dir/."
+                        info.size = len(content)
+                        tar.addfile(info, io.BytesIO(content))
+                data = buf.getvalue()
+        return self._chunks(data)
+
+    def _chunks(self, data: bytes, size: int = 1000) -> Iterator[bytes]:
+        for start in range(0, len(data), size):
+            if start:
+                self._call("get_archive_chunk")
+            yield data[start:start + size]
 
     def inspect(self, id_or_name: str) -> Found | None:
         self._call("inspect", id_or_name)

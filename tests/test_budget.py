@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent_core.budget import MAX_PAUSE, MIN_PROBE, Aborted, RequestBudget
+from agent_core.budget import MAX_PAUSE, MIN_PROBE, Aborted, Backoff, RequestBudget
 
 
 def take(budget: RequestBudget, kind: str, timeout: float = 0.05) -> bool:
@@ -137,3 +137,11 @@ def test_without_a_budget_a_429_still_holds_work_but_not_heartbeats():
     assert not take(budget, "upload", timeout=0.5)
     assert take(budget, "upload", timeout=3.0)
     assert budget.snapshot()["sent_last_window"] == 1  # counted without a limit too (the others left the window)
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap_and_starts_over_after_reset():
+    backoff = Backoff(1.0, 8.0)
+    waits = [backoff.next() for _ in range(6)]
+    assert all(1.0 <= w <= bound for w, bound in zip(waits, (2, 4, 8, 8, 8, 8))), waits
+    backoff.reset()
+    assert 1.0 <= backoff.next() <= 2.0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent_core import config, process
+from agent_core.lifecycle import Step
 from tests.agent_fixtures import agent_cli, wait_until
 from tests.test_cli import make_config, one_line, registered_config
 
@@ -209,7 +210,7 @@ def ignored_signals(pid: int) -> int:
 def test_run_ignores_sigpipe_so_a_closed_upload_is_an_error_not_a_death(make_agent):
     agent = make_agent()
     proc = agent.start()
-    wait_until(lambda: (process.read_status(agent.cfg.paths.data_dir) or {}).get("state") == "running", 60,
+    wait_until(lambda: getattr(process.read_status(agent.cfg.paths.data_dir), "state", None) is Step.RUNNING, 60,
                "the agent to run")
     assert ignored_signals(proc.pid) & SIGPIPE_BIT
     assert agent.stop() == 0

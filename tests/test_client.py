@@ -30,6 +30,7 @@ from agent_core.devclient import DevClient
 from agent_core.errors import (AuthRejected, ProtocolViolation, ServerRejected, ServerUnavailable, TaskGone,
                                UploadRefused, WorkspaceError)
 from agent_core.protocol import Completion, Heartbeat, PollResult, Registration
+from agent_core.workspace import open_input
 from tests.helpers import sha256_file, wait_until
 from tests.hostile_proxy import body_reply, hostile_proxy, huge_json, poll_offer  # noqa: F401 (a fixture)
 
@@ -292,7 +293,7 @@ def test_download_streams_to_disk(client, dev_client, service, tmp_path):
     task = running_task(client, dev_client, service, files=[("in.bin", data)])
     (f,) = dev_client.list_files(task["id"])
     dest = tmp_path / "in.bin"
-    assert client.download(f["id"], dest, max_bytes=len(data)) == len(data)
+    assert client.download(f["id"], lambda: open_input(dest), max_bytes=len(data)) == len(data)
     assert dest.read_bytes() == data
     assert stat.S_IMODE(dest.stat().st_mode) == 0o644  # the container may run as another user
 
@@ -301,7 +302,7 @@ def test_download_larger_than_max_bytes_fails(client, dev_client, service, dev_s
     task = running_task(client, dev_client, service, files=[("in.bin", b"x" * 1000)])
     (f,) = dev_client.list_files(task["id"])
     with pytest.raises(WorkspaceError, match="max_input_bytes"):
-        client.download(f["id"], tmp_path / "in.bin", max_bytes=999)
+        client.download(f["id"], lambda: open_input(tmp_path / "in.bin"), max_bytes=999)
     assert statuses(dev_server, "/download") == [200]
 
 
@@ -309,7 +310,7 @@ def test_endless_download_stops_at_max_bytes(client, dev_server, tmp_path):
     dev_server.faults.endless_download("endless")
     dest = tmp_path / "endless.bin"
     with pytest.raises(WorkspaceError, match="max_input_bytes"):
-        client.download("endless", dest, max_bytes=5 * MiB)
+        client.download("endless", lambda: open_input(dest), max_bytes=5 * MiB)
     assert dest.stat().st_size <= 5 * MiB
     assert len(dev_server.calls_to("/download")) == 1  # a limit is final, not retried
 
@@ -321,7 +322,7 @@ def test_download_refused_is_final(client, dev_server, dev_client, tmp_path, who
         other = dev_client.submit_task(dev_client.create_service("other")["id"], "x", files=[("a", b"a")])
         file_id = dev_client.list_files(other["id"])[0]["id"]
     with pytest.raises(ServerRejected) as err:
-        client.download(file_id, tmp_path / "x", max_bytes=MiB)
+        client.download(file_id, lambda: open_input(tmp_path / "x"), max_bytes=MiB)
     assert err.value.status == status
     assert statuses(dev_server, "/download") == [status]
 
@@ -741,7 +742,7 @@ def test_every_id_is_exactly_one_path_segment(value, segment):
 
 def test_an_empty_id_is_refused_before_any_request(client, dev_server, tmp_path):
     with pytest.raises(ProtocolViolation, match="empty id"):
-        client.download("", tmp_path / "x", max_bytes=MiB)
+        client.download("", lambda: open_input(tmp_path / "x"), max_bytes=MiB)
     assert dev_server.calls_to("/download") == []
 
 
@@ -756,7 +757,7 @@ def test_hostile_file_ids_reach_the_server_intact_as_one_segment(client, dev_ser
     # When each is downloaded, Then each arrives whole: the server read back exactly that id
     for n, file_id in enumerate(HOSTILE_FILE_IDS):
         dest = tmp_path / f"in-{n}"
-        client.download(file_id, dest, max_bytes=MiB)
+        client.download(file_id, lambda: open_input(dest), max_bytes=MiB)
         assert dest.read_bytes() == files[file_id]
     # and every request went to the download route, the id as one segment
     assert [c.path for c in dev_server.calls_to("/download")] == [
@@ -768,7 +769,7 @@ def test_a_hostile_service_id_stays_one_segment(hostile_proxy, tmp_path):
         with pytest.raises(AuthRejected):
             client.poll(0, 1)
         with pytest.raises(AuthRejected):
-            client.download("..", tmp_path / "x", max_bytes=MiB)
+            client.download("..", lambda: open_input(tmp_path / "x"), max_bytes=MiB)
     assert hostile_proxy.paths == ["/api/v1/agent/..%2F..%2Fhealth/poll",
                                    "/api/v1/files/agent/..%2F..%2Fhealth/files/%2E%2E/download"]
 
@@ -867,7 +868,7 @@ def test_huge_error_bodies_are_read_a_few_kib_at_most(proxied, hostile_proxy, tm
         if call == "heartbeat":
             proxied.heartbeat(Heartbeat("online", 0, 1))
         else:
-            proxied.download("f", tmp_path / "f", max_bytes=MiB)
+            proxied.download("f", lambda: open_input(tmp_path / "f"), max_bytes=MiB)
     assert err.value.status == status and len(str(err.value)) < 300
     assert '{"has_task":false,"pad":"xxx' in str(err.value)
     (sent,) = sent_of_replaced(hostile_proxy)
@@ -930,9 +931,9 @@ def test_secrets_never_appear_in_errors_or_logs(dev_server, dev_client, tmp_path
         dev_server.faults.garbage_next(1, path_contains="/accept")
         assert client.accept(task["id"]) is True
         (f,) = dev_client.list_files(task["id"])
-        client.download(f["id"], tmp_path / "in.txt", max_bytes=100)
-        expect_error(lambda: client.download(f["id"], tmp_path / "in2.txt", max_bytes=1))
-        expect_error(lambda: client.download("nope", tmp_path / "x", max_bytes=1))
+        client.download(f["id"], lambda: open_input(tmp_path / "in.txt"), max_bytes=100)
+        expect_error(lambda: client.download(f["id"], lambda: open_input(tmp_path / "in2.txt"), max_bytes=1))
+        expect_error(lambda: client.download("nope", lambda: open_input(tmp_path / "x"), max_bytes=1))
         (tmp_path / "out.txt").write_text("out")
         dev_server.faults.fail_next(1, status=503, path_contains="/upload")
         up = client.upload(task["id"], "out.txt", lambda: open(tmp_path / "out.txt", "rb"))
@@ -960,6 +961,7 @@ TRANSFER = """
 import json, resource, sys
 from pathlib import Path
 from agent_core.client import Client
+from agent_core.workspace import open_input
 
 a = json.loads(sys.argv[1])
 
@@ -974,10 +976,10 @@ def open_source():
 
 with Client(a["url"], service_id=a["sid"], api_key=a["key"]) as client:
     # warm up every code path on the small file, so imports and buffers are not counted
-    client.download(a["small_id"], Path(a["dest"]), max_bytes=1 << 40)
+    client.download(a["small_id"], lambda: open_input(Path(a["dest"])), max_bytes=1 << 40)
     client.upload(a["task_id"], "output/small.bin", lambda: open(a["dest"], "rb"))
     base = peak_mib()
-    size = client.download(a["big_id"], Path(a["dest"]), max_bytes=1 << 40)
+    size = client.download(a["big_id"], lambda: open_input(Path(a["dest"])), max_bytes=1 << 40)
     after_download = peak_mib()
     uploaded = client.upload(a["task_id"], "output/copy.bin", open_source)
     after_upload = peak_mib()

@@ -53,6 +53,13 @@ def test_defaults_load_and_match_the_dataclasses(tmp_path):
     ("[limits]\nmax_output_bytes = \"1x\"", "limits.max_output_bytes"),
     ("[server]\nrate_limit_per_minute = 10\nheartbeat_reserve = 10", "server.heartbeat_reserve"),
     ("[server\n", "not valid TOML"),
+    ("[executor]\nengine_url = \"/run/docker.sock\"",
+     "executor.engine_url: must be \"\" or a unix://, tcp://, ssh:// or npipe:// address"),
+    ("[executor]\nengine_url = \"http://127.0.0.1:2375\"", "executor.engine_url: must be \"\" or a unix://"),
+    ("[executor]\nengine_url = \"unix://\"", "executor.engine_url: names no socket"),
+    ("[executor]\nengine_url = \"tcp://:2375\"", "executor.engine_url: names no host"),
+    ("[executor]\nengine_url = \"tcp://127.0.0.1:port\"", "executor.engine_url: has a bad port"),
+    ("[executor]\nengine_url = 2375", "executor.engine_url: must be a string"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
@@ -335,3 +342,76 @@ def test_a_failed_init_writes_nothing_and_the_corrected_retry_works(tmp_path):
     assert not (tmp_path / "sub").exists()
     config.init(path, base_url="http://127.0.0.1:9")
     assert config.load(path).server.base_url == "http://127.0.0.1:9"
+
+
+# --------------------------------------------------------------------------- the declaration drives the parser
+
+def test_engine_is_docker_unless_podman_is_chosen(tmp_path):
+    assert config.load(write(tmp_path, "")).executor.engine == "docker"
+    assert config.load(write(tmp_path, '[executor]\nengine = "podman"\n')).executor.engine == "podman"
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, '[executor]\nengine = "containerd"\n'))
+    assert str(e.value).endswith("executor.engine: must be one of docker, podman (got 'containerd')")
+
+
+@pytest.mark.parametrize("url", [
+    "", "unix:///run/podman/podman.sock", "unix:///run/user/1000/podman/podman.sock", "tcp://127.0.0.1:2375",
+    "tcp://[::1]:2375", "ssh://me@build-host", "npipe:////./pipe/docker_engine",
+])
+def test_engine_url_takes_the_engines_address_forms(tmp_path, url):
+    assert config.load(write(tmp_path, f'[executor]\nengine_url = "{url}"\n')).executor.engine_url == url
+
+
+def test_every_key_is_declared_with_its_default_but_the_two_tables():
+    assert set(config.KNOWN_KEYS) - set(config.KNOBS) == {"executor.gpu", "paths.mounts"}
+    defaults = config.Config(Path("config.toml"))
+    for dotted, knob in config.KNOBS.items():
+        *tables, key = dotted.split(".")
+        holder = config.GpuConfig() if tables == ["executor", "gpu"] else getattr(defaults, tables[0])
+        assert getattr(holder, key) == knob.value, dotted
+    # the declaration says sizes and paths as the file writes them; the dataclass holds bytes and a Path
+    assert config.KNOBS["limits.max_input_bytes"].default == "10g"
+    assert config.LimitsConfig().max_input_bytes == 10 * 1024**3 and config.PathsConfig().data_dir == Path("data")
+
+
+NUMBERS = {key: k for key, k in config.KNOBS.items() if k.kind in (config.Kind.NUMBER, config.Kind.INTEGER)}
+
+
+def load_one(tmp_path: Path, dotted: str, value: object) -> object:
+    """What a file setting only `dotted` to `value` (as TOML) loads as."""
+    section, key = dotted.split(".")
+    return getattr(getattr(config.load(write(tmp_path, f"[{section}]\n{key} = {value}\n")), section), key)
+
+
+@pytest.mark.parametrize("dotted", sorted(NUMBERS))
+def test_each_numbers_bounds_come_from_its_declaration(tmp_path, dotted):
+    k = NUMBERS[dotted]
+    step = 1 if k.kind is config.Kind.INTEGER else 0.5
+    below = k.minimum if k.exclusive else k.minimum - step
+    with pytest.raises(ConfigError) as e:
+        load_one(tmp_path, dotted, below)
+    assert f"{dotted}: must be {'>' if k.exclusive else '≥'} {k.minimum:g} (got {below!r})" in str(e.value)
+    lowest = k.minimum + step if k.exclusive else k.minimum
+    assert load_one(tmp_path, dotted, lowest) == lowest
+    if k.maximum is not None:
+        assert load_one(tmp_path, dotted, k.maximum) == k.maximum
+        with pytest.raises(ConfigError, match=f"{dotted}: must be ≤ {k.maximum:g}"):
+            load_one(tmp_path, dotted, k.maximum + step)
+    if k.kind is config.Kind.INTEGER:
+        with pytest.raises(ConfigError, match=f"{dotted}: must be an integer"):
+            load_one(tmp_path, dotted, float(lowest) + 0.5)
+
+
+@pytest.mark.parametrize("dotted", sorted(key for key, k in config.KNOBS.items() if k.choices and
+                                          not key.startswith("executor.gpu.")))
+def test_each_choice_key_takes_its_declared_choices_and_nothing_else(tmp_path, dotted):
+    choices = config.KNOBS[dotted].choices
+    assert [load_one(tmp_path, dotted, f'"{choice}"') for choice in choices] == list(choices)
+    with pytest.raises(ConfigError, match=f"{dotted}: must be one of {', '.join(choices)}"):
+        load_one(tmp_path, dotted, '"other"')
+
+
+def test_a_bad_engine_url_error_never_shows_its_password(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, '[executor]\nengine_url = "ssh://ops:s3cret@host:port"\n'))
+    assert "s3cret" not in str(e.value) and "ssh://ops:***@host:port" in str(e.value)

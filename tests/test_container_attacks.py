@@ -24,6 +24,7 @@ import pytest
 from agent_core.devclient import DevClient
 from agent_core.executor import LABEL_SERVICE
 from tests.agent_fixtures import REPO, Agent, wait_until
+from tests.docker_fixtures import on_both_engines
 from tests.helpers import skip_or_fail_in_ci
 from tests.test_reliability import calls_for, container_status, read_output
 from tests.test_run import DONE, finish, sh
@@ -51,6 +52,7 @@ def plant(kind: str, target: str = "") -> str:
             "done; done; echo planted; echo planted-too >&2; echo fine > /workspace/output/ok.txt; ")
 
 
+@on_both_engines
 def test_links_at_the_agents_file_names_change_no_host_file(make_agent, dev_client, tmp_path):
     # Given a host file and a host folder, and tasks that point a link at one of them from every
     # name the agent uses, in every folder of the workspace, hidden ones included
@@ -78,15 +80,16 @@ def test_links_at_the_agents_file_names_change_no_host_file(make_agent, dev_clie
     assert agent.alive()
 
 
+@on_both_engines
 def test_fifos_at_the_agents_file_names_hang_nothing_not_even_across_a_restart(make_agent, dev_client,
-                                                                               docker_engine):
+                                                                               engine_client):
     # Given a task that plants FIFOs at every name, then runs on for a while
     # (task.json is read first: it is about to become a FIFO too)
     agent = make_agent(sh("grep -q slow /workspace/task.json && SLOW=1; " + plant("fifo")
                           + 'if [ -n "$SLOW" ]; then sleep 8; fi'))
     slow = dev_client.submit_task(agent.service_id, "slow")["id"]
     agent.start()
-    wait_until(lambda: container_status(docker_engine, slow) == "running", 60, "the slow task to run")
+    wait_until(lambda: container_status(engine_client, slow) == "running", 60, "the slow task to run")
     time.sleep(1)  # the FIFOs are planted
     # When the agent is killed in the middle and started again
     agent.signal(signal.SIGKILL)
@@ -162,6 +165,11 @@ def _nonroot_user() -> tuple[str, str, dict[str, str]]:
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                         "--groups", "docker", NONROOT_USER], check=True, capture_output=True)
+    return NONROOT_USER, *python_for(NONROOT_USER)
+
+
+def python_for(user: str) -> tuple[str, dict[str, str]]:
+    """A python `user` may run that finds agent-core and its packages, and the environment for it."""
     # The venv's interpreter may sit where the user cannot go (pyenv under /root): then the
     # system's python of the same version runs this checkout and the venv's packages.
     site_packages = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
@@ -169,13 +177,13 @@ def _nonroot_user() -> tuple[str, str, dict[str, str]]:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         try:
-            probe = subprocess.run([python, "-c", "import agent_core, docker, httpx, psutil"], user=NONROOT_USER,
+            probe = subprocess.run([python, "-c", "import agent_core, docker, httpx, psutil"], user=user,
                                    env={**os.environ, **env}, capture_output=True, cwd="/")
         except OSError:
             continue
         if probe.returncode == 0:
-            return NONROOT_USER, python, env
-    skip_or_fail_in_ci(f"no python that {NONROOT_USER} may run finds agent-core and its packages")
+            return python, env
+    skip_or_fail_in_ci(f"no python that {user} may run finds agent-core and its packages")
 
 
 def test_a_non_root_agent_survives_root_owned_leftovers(dev_server, dev_client, busybox_image, docker_cleanup,

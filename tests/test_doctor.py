@@ -11,7 +11,10 @@ import pytest
 from agent_core import config, process
 from agent_core import doctor as doctormod
 from agent_core.client import Client
+from agent_core.errors import DockerUnavailable
+from agent_core.executor import EngineInfo
 from tests.agent_fixtures import agent_cli
+from tests.fakes import FakeBackend
 from tests.test_client import canned, closed_port  # noqa: F401  (canned is a fixture)
 
 NO_ENGINE = "unix:///nonexistent.sock"
@@ -157,6 +160,29 @@ def cfg_for(tmp_path, base_url: str, **changes):
     config.init(path, base_url=base_url)
     config.update(path, {"paths.data_dir": str(tmp_path / "data"), "server.connect_timeout_secs": 5, **changes})
     return config.load(path)
+
+
+@pytest.mark.parametrize("rootless, said", [(False, "not rootless"), (True, "rootless")])
+def test_the_engine_line_names_the_engine_its_version_and_whether_it_is_rootless(tmp_path, rootless, said):
+    backend = FakeBackend()
+    backend.engine_info = lambda: EngineInfo("podman", "4.3.1", rootless, "unix:///run/podman/podman.sock")
+    (check, warning) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend)
+    assert (check.status, check.message) == (
+        "ok", f"podman engine reachable (4.3.1) at unix:///run/podman/podman.sock, {said}")
+    # configured for docker, Podman answers: a warning that says so, not a failure
+    assert warning.status == "warn" and not warning.essential and "executor.engine is 'docker'" in warning.message
+    (check,) = doctormod._engine(cfg_for(tmp_path / "podman", "http://127.0.0.1:9", **{"executor.engine": "podman"}),
+                                 backend)
+    assert check.status == "ok"
+
+
+def test_an_unreachable_engine_is_named_with_its_fix(tmp_path):
+    backend = FakeBackend()
+    backend.fail("engine_info", DockerUnavailable(f"Docker engine not reachable at {backend.where}: refused"))
+    backend.fail("ping", DockerUnavailable(f"Docker engine not reachable at {backend.where}: refused"))
+    (check,) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend)
+    assert check.status == "FAIL" and check.failed
+    assert check.message.startswith(f"docker engine not reachable at {backend.where} (refused): start the engine")
 
 
 def test_a_refused_connection_is_named_with_its_fix(tmp_path):

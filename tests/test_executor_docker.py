@@ -16,7 +16,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from agent_core.config import Config, parse
+from agent_core.archive import COPY_OUT_PATH, clear_outputs, extract_outputs, workspace_tar
+from agent_core.config import Config, LimitsConfig, parse
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError, ImageMissing
 from agent_core.executor import (
     LABEL_AGENT,
@@ -29,6 +30,8 @@ from agent_core.executor import (
     build_spec,
     container_name,
 )
+from agent_core.protocol import InputFile, Task
+from agent_core.workspace import WORKSPACE_MOUNT, Workspace
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(90)]
 
@@ -64,10 +67,11 @@ class Harness:
         return ws
 
     def spec(self, argv: list[str] | None = None, *, task_id: str | None = None, service_id: str | None = None,
-             image: str | None = None, **kw) -> ContainerSpec:
+             image: str | None = None, copy: bool = False, **kw) -> ContainerSpec:
+        """`copy`: the workspace goes through the engine's API (no bind)."""
         task_id = task_id or "t-" + uuid.uuid4().hex[:16]
         cfg = config(self.tmp_path, image or self.image, argv=argv, **kw)
-        return build_spec(cfg, task_id=task_id, workspace=self.workspace(task_id),
+        return build_spec(cfg, task_id=task_id, workspace=None if copy else self.workspace(task_id),
                           owner=Owner(service_id or self.service_id, AGENT_ID), extra_labels=self.cleanup.labels)
 
 
@@ -428,3 +432,43 @@ def test_engine_refusal_is_executor_error_with_explanation(h, docker_executor):
         docker_executor.start(cid)
     assert not isinstance(exc.value, (ImageMissing, DockerUnavailable))
     assert "no-such-network" in str(exc.value)
+
+
+# --- the workspace through the engine's API --------------------------------------------
+
+
+def test_a_workspace_goes_in_and_comes_back_through_the_api(h, docker_executor, tmp_path):
+    # Given a staged workspace and a container with a read-only root and no workspace bind
+    task = Task(id="t1", task_prompt="p", output_prompt="o", session_id="s",
+                input_files=(InputFile(id="f", filename="in.bin", mime_type="", size_bytes=3),))
+    ws = Workspace.for_task(tmp_path / "data", task.id)
+    ws.create()
+    rel, path = ws.input_path(1, "in.bin")
+    blob = os.urandom(3 * 1024 * 1024 + 5)
+    path.write_bytes(blob)
+    ws.write_task_json(task, [rel])
+    spec = h.spec(["sh", "-c", "cat /workspace/task.json > /dev/null && cp /workspace/input/01-in.bin "
+                   "/workspace/output/copy.bin && ls -ld /workspace/output | cut -c1-10"],
+                  copy=True, extra="read_only = true\nuser = \"1234:1234\"")
+    cid = h.cleanup.track(docker_executor.create(spec, owner_of(spec)))
+    # When it goes in before the start, and comes back after the exit
+    docker_executor.put_archive(cid, WORKSPACE_MOUNT, workspace_tar(ws.root))
+    docker_executor.start(cid)
+    assert docker_executor.wait(cid).code == 0
+    out, _ = logs(docker_executor, cid, tmp_path)
+    clear_outputs(ws.root)
+    skipped = extract_outputs(docker_executor.get_archive(cid, COPY_OUT_PATH), ws.root, LimitsConfig())
+    # Then a user that is not root wrote output/ as in a bind mount, and the bytes are the same
+    assert out == b"drwxrwxrwx\n"
+    assert skipped == []
+    assert (ws.output_dir / "copy.bin").read_bytes() == blob
+    docker_executor.remove(cid)
+
+
+def test_the_archive_calls_on_a_gone_container_are_vanished(h, docker_executor):
+    cid = h.cleanup.track(docker_executor.create(h.spec(["true"], copy=True), owner_of(h.spec(["true"]))))
+    docker_executor.remove(cid)
+    with pytest.raises(ContainerVanished):
+        docker_executor.put_archive(cid, WORKSPACE_MOUNT, iter([bytes(1024)]))
+    with pytest.raises(ContainerVanished):
+        list(docker_executor.get_archive(cid, COPY_OUT_PATH))

@@ -146,6 +146,18 @@ def test_missing_workspace_is_an_error(tmp_path):
         spec_for(make_cfg(tmp_path), tmp_path / "nope")
 
 
+def test_a_copied_workspace_is_a_volume_of_the_container_not_a_bind(tmp_path):
+    (tmp_path / "creds").mkdir()
+    extra = '[[paths.mounts]]\nhost = "creds"\ncontainer = "/home/agent/.pi"\n'
+    spec = build_spec(make_cfg(tmp_path, extra=extra), task_id="t1", workspace=None, owner=OWNER)
+    assert spec.binds == (Bind(str(tmp_path / "creds"), "/home/agent/.pi", readonly=True),)
+    assert spec.volumes == ("/workspace",)
+    mounts = create_kwargs(spec)["mounts"]
+    assert [(m["Target"], m["Type"], m["Source"]) for m in mounts] == [
+        ("/home/agent/.pi", "bind", str(tmp_path / "creds")), ("/workspace", "volume", None)]
+    assert build_spec(make_cfg(tmp_path), task_id="t1", workspace=tmp_path, owner=OWNER).volumes == ()
+
+
 def test_config_mounts_ro_and_rw(tmp_path, ws):
     (tmp_path / "creds").mkdir()
     (tmp_path / "cache").mkdir()

@@ -18,6 +18,7 @@ import pytest
 from agent_core.config import ExecutorConfig
 from agent_core.runner import STDOUT_IN_OUTPUT
 from tests.agent_fixtures import wait_until
+from tests.docker_fixtures import on_both_engines
 from tests.test_reliability import agent_files, calls_for, read_output
 from tests.test_run import DONE, finish, sh
 
@@ -47,6 +48,7 @@ def names_outside_data_dirs(root, *needles: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if any(n in p.name for n in needles)]
 
 
+@on_both_engines
 def test_links_fifos_and_devices_never_carry_host_files_to_the_server(make_agent, dev_server, dev_client,
                                                                       tmp_path):
     # Given a host file with a secret, and a task that points every kind of special file at it,
@@ -93,6 +95,7 @@ HARDENING_PROBE = (
     "touch /tmp/probe && echo 'tmp: rw' || echo 'tmp: ro'; } > /workspace/output/probe.txt")
 
 
+@on_both_engines
 def test_containers_run_hardened_as_configured(make_agent, dev_client, tmp_path):
     agent = make_agent({**sh(HARDENING_PROBE), "executor.user": "1234:1234", "executor.read_only": True,
                         "executor.pids_limit": 64, "executor.cpus": 0.5, "executor.network_mode": "none"})

@@ -14,7 +14,7 @@ from agent_core import fsutil
 from agent_core.errors import JournalError
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.protocol import Completion, InputFile, Task
-from agent_core.runner import CancelReason
+from agent_core.outcome import CancelReason
 
 
 def record(task_id: str = "t-1", **changes) -> TaskRecord:

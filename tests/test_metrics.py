@@ -14,6 +14,7 @@ from agent_core.client import Client
 from agent_core.errors import ConfigError, DockerUnavailable, ProcessError, ServerUnavailable
 from agent_core.metrics import Health, Metrics, MetricsServer, PrometheusMetrics, last_contact
 from agent_core.protocol import Heartbeat
+from agent_core.workspace import open_input
 from tests.agent_fixtures import wait_until
 from tests.test_run import finish, sh
 
@@ -116,9 +117,9 @@ def test_health_needs_an_answering_engine_and_a_recent_server_contact():
 
 def test_last_contact_is_the_newer_of_the_last_poll_and_heartbeat():
     client = Client("http://127.0.0.1:9", service_id="s", api_key="k" * 16)
-    assert last_contact(client) is None
+    assert last_contact(client.last_success) is None
     client.last_success.update({"poll": 100.0, "heartbeat": 250.0, "upload": 999.0})
-    assert last_contact(client) == 250.0
+    assert last_contact(client.last_success) == 250.0
     client.close()
 
 
@@ -177,14 +178,14 @@ def test_the_client_counts_failed_requests_and_transferred_bytes(tmp_path):
             return httpx.Response(200, json={"file_id": "f1"})
         return httpx.Response(404)
 
+    m = PrometheusMetrics()
     client = Client("http://127.0.0.1:9", service_id="svc", api_key="k" * 16,
-                    http=httpx.Client(transport=httpx.MockTransport(server)))
-    client.metrics = m = PrometheusMetrics()
+                    http=httpx.Client(transport=httpx.MockTransport(server)), metrics=m)
     with pytest.raises(ServerUnavailable):
         client.poll(0, 1)
     with pytest.raises(ServerUnavailable):
         client.heartbeat(Heartbeat(status="online", current_load=0, capacity=1))
-    assert client.download("f0", tmp_path / "in.bin", 10_000) == len(payload)
+    assert client.download("f0", lambda: open_input(tmp_path / "in.bin"), 10_000) == len(payload)
     client.upload("t1", "out.txt", lambda: io.BytesIO(b"y" * 1234))
     client.close()
     text = m.render().decode()

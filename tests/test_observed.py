@@ -69,6 +69,7 @@ def test_input_downloads_ask_for_the_stored_bytes_not_gzip(tmp_path, caplog):
     import threading
 
     from agent_core.client import Client
+    from agent_core.workspace import open_input
 
     seen: list[str | None] = []
 
@@ -89,7 +90,7 @@ def test_input_downloads_ask_for_the_stored_bytes_not_gzip(tmp_path, caplog):
     try:
         with caplog.at_level(logging.DEBUG, logger="agent_core.client"), \
                 Client(f"http://127.0.0.1:{httpd.server_address[1]}", service_id="s", api_key="k") as client:
-            size = client.download("file-1", tmp_path / "in.bin", 10 ** 6)
+            size = client.download("file-1", lambda: open_input(tmp_path / "in.bin"), 10 ** 6)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -27,6 +27,11 @@ GROUP = "root:x:0:\nstaff:x:50:\n"
      "user"),
     (ExecutorError("Docker refused (HTTP 500): unable to find group nogroup"), "user"),
     (ExecutorError("Docker refused (HTTP 500): OCI runtime create failed"), None),
+    # Podman's words for the same causes
+    (ExecutorError("Podman refused to create container x (HTTP 500): container create: unable to find network "
+                   "with name or ID nonee: network not found"), "network"),
+    (ExecutorError("Podman refused to start container x (HTTP 500): unable to find user nosuchuser: no matching "
+                   "entries in passwd file"), "user"),
     (DockerUnavailable("Docker engine not reachable: network not found"), None),
     (ContainerVanished("container abc vanished"), None),
 ])

@@ -21,6 +21,7 @@ import pytest
 
 from agent_core.executor import LABEL_SERVICE, LABEL_TASK, Owner
 from tests.agent_fixtures import wait_until
+from tests.docker_fixtures import on_both_engines
 from tests.test_run import DONE, finish, sh
 
 pytestmark = pytest.mark.docker
@@ -63,18 +64,18 @@ def journal_record(agent, task_id: str) -> dict | None:
 # The low-level list: one call, without docker-py's inspect of each container listed, which
 # fails when one is removed in between (as ours are, at the end of every task).
 
-def container_status(docker_engine, task_id: str) -> str | None:
-    found = docker_engine.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+def container_status(client, task_id: str) -> str | None:
+    found = client.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
     return found[0]["State"] if found else None
 
 
-def our_task_container(docker_engine, task_id: str) -> str:
-    (found,) = docker_engine.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+def our_task_container(client, task_id: str) -> str:
+    (found,) = client.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
     return found["Id"]
 
 
-def our_containers(docker_engine, service_id: str) -> list[dict]:
-    return docker_engine.api.containers(all=True, filters={"label": f"{LABEL_SERVICE}={service_id}"})
+def our_containers(client, service_id: str) -> list[dict]:
+    return client.api.containers(all=True, filters={"label": f"{LABEL_SERVICE}={service_id}"})
 
 
 def agent_files(dev_client, task_id: str) -> dict[str, dict]:
@@ -94,8 +95,9 @@ def kill_9(agent) -> None:
 # --- crash recovery ---------------------------------------------------------------------
 
 
+@on_both_engines
 def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, dev_server, dev_client,
-                                                                  docker_engine, busybox_image, tmp_path):
+                                                                  engine_client, busybox_image, tmp_path):
     # Given tasks that note on a host folder each time they start: "long" still runs when the
     # daemon dies, "short" ends while it is dead, "quick" has its result on disk but unreported,
     # and the container of "lost" is removed behind the agent's back
@@ -115,17 +117,17 @@ def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, de
     agent.start()
     wait_until(lambda: (journal_record(agent, quick) or {}).get("stage") == "UPLOADED", 60,
                "the quick task's result to be journaled")
-    wait_until(lambda: all(container_status(docker_engine, t) == "running" for t in (long_, short, lost)), 60,
+    wait_until(lambda: all(container_status(engine_client, t) == "running" for t in (long_, short, lost)), 60,
                "the long, short and lost containers to run")
     # When the daemon is killed outright, and a stray container of ours appears meanwhile
     kill_9(agent)
     dev_server.faults.clear()
-    docker_engine.api.remove_container(our_task_container(docker_engine, lost), force=True)
-    ghost = docker_engine.containers.create(
+    engine_client.api.remove_container(our_task_container(engine_client, lost), force=True)
+    ghost = engine_client.containers.create(
         busybox_image, ["sleep", "60"], network_mode="none",
         labels=Owner.of(agent.service_id, agent.cfg.paths.data_dir).labels("ghost"))
-    wait_until(lambda: container_status(docker_engine, short) == "exited", 30, "the short task to end")
-    assert container_status(docker_engine, long_) == "running"
+    wait_until(lambda: container_status(engine_client, short) == "exited", 30, "the short task to end")
+    assert container_status(engine_client, long_) == "running"
     agent.start()
     # Then every task completes with its own output, reported exactly once
     results = finish(dev_client, [long_, short, quick], timeout=90)
@@ -142,7 +144,7 @@ def test_kill_9_then_restart_loses_nothing_and_runs_nothing_twice(make_agent, de
     # and no task ran twice
     assert sorted((runs / "started").read_text().split()) == sorted([long_, short, quick, lost])
     # and no container of ours is left, the stray one included
-    wait_until(lambda: not our_containers(docker_engine, agent.service_id), 30, "our containers to go")
+    wait_until(lambda: not our_containers(engine_client, agent.service_id), 30, "our containers to go")
     with pytest.raises(docker.errors.NotFound):
         ghost.reload()
     assert "resuming after restart at stage LAUNCHED" in agent.log()

@@ -1,4 +1,5 @@
-"""`agent-core run` end to end: the real CLI process, the local server and the real Docker engine."""
+"""`agent-core run` end to end: the real CLI process, the local server and the real engine
+(the core of it on Docker and on Podman: `@on_both_engines`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from agent_core.executor import LABEL_SERVICE
 from tests.agent_fixtures import agent_cli, wait_until
+from tests.docker_fixtures import on_both_engines
 
 pytestmark = pytest.mark.docker
 
@@ -29,11 +31,12 @@ def finish(dev_client, task_ids, timeout=120):
     return [dev_client.wait_for_status(t, DONE, timeout=timeout) for t in task_ids]
 
 
-def containers_of(docker_engine, service_id):
+def containers_of(client, service_id):
     # the low-level listing: the high-level one raises when a container goes while it lists
-    return docker_engine.api.containers(all=True, filters={"label": f"{LABEL_SERVICE}={service_id}"})
+    return client.api.containers(all=True, filters={"label": f"{LABEL_SERVICE}={service_id}"})
 
 
+@on_both_engines
 def test_outputs_arrive_byte_identical_and_task_json_follows_the_contract(make_agent, dev_client, tmp_path):
     # Given an executor that copies every input to output/ and keeps a copy of task.json
     agent = make_agent(sh("cp /workspace/input/* /workspace/output/ && "
@@ -72,7 +75,8 @@ def test_outputs_arrive_byte_identical_and_task_json_follows_the_contract(make_a
         assert len(result["output"]["file_ids"]) == len(listed) and "stdout" in result["output"]
 
 
-def test_capacity_is_never_exceeded(make_agent, dev_client, docker_engine):
+@on_both_engines
+def test_capacity_is_never_exceeded(make_agent, dev_client, engine_client):
     agent = make_agent({**sh("sleep 2"), "executor.capacity": 2})
     ids = [dev_client.submit_task(agent.service_id, f"t{n}")["id"] for n in range(6)]
     most = 0
@@ -81,7 +85,7 @@ def test_capacity_is_never_exceeded(make_agent, dev_client, docker_engine):
     def sample():
         nonlocal most
         while not stop.is_set():
-            most = max(most, len(containers_of(docker_engine, agent.service_id)))
+            most = max(most, len(containers_of(engine_client, agent.service_id)))
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample)
@@ -108,7 +112,8 @@ def test_a_queue_drains_at_docker_speed_not_one_task_per_poll(make_agent, dev_cl
     assert took < 50, took  # one task per poll interval would need 100 s
 
 
-def test_exit_code_and_timeout_become_failures(make_agent, dev_client, docker_engine):
+@on_both_engines
+def test_exit_code_and_timeout_become_failures(make_agent, dev_client, engine_client):
     agent = make_agent({**sh("echo working; if grep -q slow /workspace/task.json; then sleep 60; fi; "
                              "echo boom >&2; exit 3"), "executor.timeout_minutes": 0.05})
     failing = dev_client.submit_task(agent.service_id, "fast")["id"]
@@ -118,7 +123,7 @@ def test_exit_code_and_timeout_become_failures(make_agent, dev_client, docker_en
     assert failed["status"] == "failed"
     assert failed["error_message"].startswith("exit code 3") and "boom" in failed["error_message"]
     assert timed_out["status"] == "failed" and timed_out["error_message"] == "timed out after 3 s"
-    wait_until(lambda: not containers_of(docker_engine, agent.service_id), 15, "containers to be removed")
+    wait_until(lambda: not containers_of(engine_client, agent.service_id), 15, "containers to be removed")
 
 
 def test_a_missing_image_fails_the_task_and_the_daemon_goes_on(make_agent, dev_client, docker_engine, busybox_image):
@@ -138,16 +143,17 @@ def test_a_missing_image_fails_the_task_and_the_daemon_goes_on(make_agent, dev_c
     assert agent.alive()
 
 
-def test_cancel_stops_the_container_and_the_next_task_runs(make_agent, dev_client, docker_engine):
+@on_both_engines
+def test_cancel_stops_the_container_and_the_next_task_runs(make_agent, dev_client, engine_client):
     agent = make_agent({**sh("if grep -q long /workspace/task.json; then sleep 60; fi; echo ok"),
                         "executor.capacity": 1})
     long_task = dev_client.submit_task(agent.service_id, "long")["id"]
     agent.start()
-    wait_until(lambda: containers_of(docker_engine, agent.service_id), 30, "the container to start")
+    wait_until(lambda: containers_of(engine_client, agent.service_id), 30, "the container to start")
     asked = time.monotonic()
     dev_client.cancel_task(long_task)
     assert dev_client.wait_for_status(long_task, DONE, timeout=30)["status"] == "cancelled"
-    wait_until(lambda: not containers_of(docker_engine, agent.service_id), 15, "the container to go")
+    wait_until(lambda: not containers_of(engine_client, agent.service_id), 15, "the container to go")
     assert time.monotonic() - asked < 15
     nxt = dev_client.submit_task(agent.service_id, "next")["id"]
     assert dev_client.wait_for_status(nxt, DONE, timeout=60)["status"] == "completed"

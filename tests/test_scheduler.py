@@ -15,9 +15,10 @@ import pytest
 from agent_core import process
 from agent_core import scheduler as scheduler_mod
 from agent_core.client import Client
-from agent_core.errors import ImageMissing
+from agent_core.errors import DockerUnavailable, ImageMissing
 from agent_core.journal import Journal
-from agent_core.scheduler import EXITING, ExitNow, Scheduler
+from agent_core.lifecycle import Lifecycle, Step
+from agent_core.scheduler import ExitNow, Scheduler
 from tests.fakes import FakeBackend, Script
 from tests.helpers import wait_until
 from tests.test_runner import agent_config, dev_server  # noqa: F401  (the module's server fixture)
@@ -64,15 +65,16 @@ def make_agent_node(tmp_path, dev_server, dev_client):
 
     def make(**settings) -> Agent:
         cfg = agent_config(tmp_path, dev_server, dev_client, **{**FAST, **settings})
-        client = Client.from_config(cfg)
+        lifecycle = Lifecycle()
+        client = Client.from_config(cfg, lifecycle=lifecycle)
         backend = FakeBackend()
-        agent = Agent(Scheduler(cfg, client, backend), backend, dev_server)
+        agent = Agent(Scheduler(cfg, client, backend, lifecycle=lifecycle), backend, dev_server)
         made.append((agent, client))
         return agent
 
     yield make
     for agent, client in made:
-        client.abort.set()
+        agent.scheduler.lifecycle.exit_now()
         agent.backend.close()
         agent.thread.join(10)
         client.close()
@@ -90,6 +92,30 @@ def started(agent: Agent, task_id: str) -> None:
 
 
 # --- the shutdown ladder --------------------------------------------------------------
+
+
+def test_the_ladder_moves_one_way_and_sets_its_flags_on_the_way():
+    lifecycle = Lifecycle()
+    assert lifecycle.step is Step.RUNNING and not lifecycle.stopping.is_set()
+    assert lifecycle.advance() is Step.DRAINING and lifecycle.stopping.is_set() and not lifecycle.exiting.is_set()
+    asked = lifecycle.stop_requested_at
+    assert asked is not None
+    assert lifecycle.reach(Step.RUNNING) is Step.DRAINING  # never back up
+    assert lifecycle.advance() is Step.CANCELLING and lifecycle.stop_requested_at == asked
+    assert lifecycle.advance() is Step.EXITING and lifecycle.exiting.is_set()
+    assert lifecycle.advance() is Step.EXITING
+    assert [Step.of(s.state) for s in Step] == list(Step) and Step.of("starting") is None
+
+
+def test_a_lifecycle_wait_is_cut_short_by_the_exit_or_by_its_cancel():
+    lifecycle, cancel = Lifecycle(), threading.Event()
+    assert lifecycle.wait(0.05, cancel) is False
+    threading.Timer(0.1, cancel.set).start()
+    began = time.monotonic()
+    assert lifecycle.wait(10, cancel) is True and time.monotonic() - began < 1
+    threading.Timer(0.1, lifecycle.exit_now).start()
+    assert lifecycle.wait(10, threading.Event()) is True and lifecycle.wait(10) is True
+
 
 
 def test_a_drain_that_outlasts_the_grace_cancels_by_itself_then_goes_offline(
@@ -162,18 +188,41 @@ def test_the_third_signal_exits_at_once_and_the_next_start_reports_the_task(
     with pytest.raises(ExitNow):
         agent.scheduler.request_stop()
     assert time.monotonic() - asked < 1.0
-    assert agent.scheduler.step == EXITING and agent.scheduler.client.abort.is_set()
+    assert agent.scheduler.lifecycle.step is Step.EXITING and agent.scheduler.lifecycle.exiting.is_set()
     # and the task is left to the journal, unreported (the container ends once the agent is gone)
     agent.backend.release(task_id)
     agent.join()
     assert [c for c in dev_server.calls_to("/complete") if c.body["task_id"] == task_id] == []
     assert [r.task_id for r in Journal(agent.data_dir).replay()] == [task_id]
     # Then the next start reports it, with the reason journaled before the stop
-    with Client.from_config(agent.scheduler.cfg) as client:
-        assert Scheduler(agent.scheduler.cfg, client, agent.backend, burst=True).run() == 0
+    lifecycle = Lifecycle()
+    with Client.from_config(agent.scheduler.cfg, lifecycle=lifecycle) as client:
+        assert Scheduler(agent.scheduler.cfg, client, agent.backend, lifecycle=lifecycle, burst=True).run() == 0
     task = dev_server.get_task(task_id)
     assert (task["status"], task["error_message"]) == ("failed", "agent shutting down")
     assert Journal(agent.data_dir).replay() == []
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+
+def test_the_status_names_the_engine_and_reads_it_again_when_it_is_back(make_agent_node, dev_client):
+    # Given a running agent: its status names the engine it reached at start
+    agent = make_agent_node()
+    agent.start()
+    assert agent.status()["engine"]["line"] == "fake 0 at fake://engine" and agent.status()["engine_ok"] is True
+    # When a launch finds the engine gone, and it answers again two pings later at another address
+    agent.backend.fail("create", DockerUnavailable("the engine went away"))
+    agent.backend.fail("ping", DockerUnavailable("still away"), times=2)
+    agent.backend.where = "fake://engine-2"
+    task_id = dev_client.submit_task(agent.scheduler.service_id, "lost")["id"]
+    # Then the status says it is down, then names it afresh
+    wait_until(lambda: agent.status()["engine_ok"] is False, 10, "the engine to show as down")
+    wait_until(lambda: agent.status()["engine_ok"], 20, "the engine to be back")
+    assert agent.status()["engine"]["line"] == "fake 0 at fake://engine-2"
+    assert dev_client.wait_for_status(task_id, ("completed", "failed"), timeout=10)["status"] == "failed"
+    agent.scheduler.request_stop()
+    assert agent.join() == 0
 
 
 # --- the circuit breaker ------------------------------------------------------------------

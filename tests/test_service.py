@@ -128,3 +128,83 @@ def test_unwritable_folder_is_one_line_exit_1(tmp_path, monkeypatch):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: cannot write") and "--user" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def instance_config(folder: Path, name: str, **settings) -> config.Config:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    config.init(path, base_url="http://127.0.0.1:9", changes={"paths.data_dir": f"./{name}-data", **settings})
+    return config.load(path)
+
+
+def test_instances_share_one_template_and_each_has_its_stop_timeout(tmp_path, monkeypatch):
+    from agent_core import service
+
+    units = tmp_path / "units"
+    monkeypatch.setenv("AGENT_CORE_SYSTEMD_DIR", str(units))
+    said: list[str] = []
+    alpha = instance_config(tmp_path / "etc", "alpha", **{"agent.shutdown_grace_secs": 30})
+    beta = instance_config(tmp_path / "etc", "beta")
+    service.install(alpha, user=False, print_only=False, say=said.append, instance="alpha")
+    service.install(beta, user=False, print_only=False, say=said.append, instance="beta")
+    template = parse_unit((units / "agent-core@.service").read_text())
+    argv = exec_argv(template["Service"]["ExecStart"])
+    assert argv[-3:] == ["--config", str(tmp_path / "etc" / "%i.toml"), "run"]
+    assert "TimeoutStopSec" not in template["Service"]
+    for name, grace in (("alpha", 30), ("beta", 300)):
+        dropin = parse_unit((units / f"agent-core@{name}.service.d" / "agent-core.conf").read_text())
+        assert int(dropin["Service"]["TimeoutStopSec"]) == grace + 60
+    assert any(line.endswith("systemctl daemon-reload && systemctl enable --now agent-core@beta") for line in said)
+    # Uninstalling one instance keeps the template for the other; the last one takes it along
+    assert service.uninstall(user=False, say=said.append, instance="alpha")
+    assert (units / "agent-core@.service").exists() and not (units / "agent-core@alpha.service.d").exists()
+    assert service.uninstall(user=False, say=said.append, instance="beta")
+    assert not (units / "agent-core@.service").exists()
+
+
+def test_an_instance_refuses_a_misnamed_config_a_shared_data_dir_and_a_second_folder(tmp_path, monkeypatch):
+    from agent_core import service
+    from agent_core.errors import AgentError
+
+    monkeypatch.setenv("AGENT_CORE_SYSTEMD_DIR", str(tmp_path / "units"))
+    alpha = instance_config(tmp_path / "etc", "alpha")
+    with pytest.raises(AgentError, match="pass --config .*/gamma.toml"):
+        service.check_instance(alpha, "gamma")
+    with pytest.raises(AgentError, match="letters, digits"):
+        service.check_instance(alpha, "../alpha")
+    instance_config(tmp_path / "etc", "twin", **{"paths.data_dir": "./alpha-data"})
+    with pytest.raises(AgentError, match="alpha.toml and twin.toml share the data dir"):
+        service.check_instance(alpha, "alpha")
+    other = instance_config(tmp_path / "elsewhere", "delta")
+    service.install(other, user=False, print_only=False, say=lambda _: None, instance="delta")
+    lone = instance_config(tmp_path / "third", "epsilon")
+    with pytest.raises(AgentError, match="one template serves one config folder"):
+        service.install(lone, user=False, print_only=False, say=lambda _: None, instance="epsilon")
+
+
+def test_the_template_passes_systemd_analyze_verify_as_an_instance(tmp_path):
+    from agent_core import service
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    cfg = instance_config(tmp_path / "my etc 100%", "alpha")
+    unit_file = tmp_path / "agent-core@alpha.service"  # verify reads the template under the instance's name
+    unit_file.write_text(service.render_template(cfg.path.parent, user=False))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "agent-core" not in proc.stderr, proc.stderr
+
+
+def test_the_cli_installs_and_removes_an_instance(tmp_path, monkeypatch):
+    units = tmp_path / "units"
+    monkeypatch.setenv("AGENT_CORE_SYSTEMD_DIR", str(units))
+    cfg = instance_config(tmp_path / "etc", "alpha")
+    out = agent_cli("service", "install", "--instance", "alpha", config_path=cfg.path, check=True).stdout
+    assert "enable --now agent-core@alpha" in out and (units / "agent-core@.service").exists()
+    printed = agent_cli("service", "install", "--print", "--instance", "alpha", config_path=cfg.path,
+                        check=True).stdout
+    assert "%i.toml" in printed and "TimeoutStopSec=360" in printed
+    wrong = agent_cli("service", "install", "--instance", "beta", config_path=cfg.path)
+    assert wrong.returncode == 1 and "beta.toml" in wrong.stderr and "Traceback" not in wrong.stderr
+    out = agent_cli("service", "uninstall", "--instance", "alpha", check=True).stdout
+    assert "stop agent-core@alpha" in out and not (units / "agent-core@.service").exists()

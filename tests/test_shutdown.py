@@ -22,7 +22,8 @@ GRACE = 30  # agent.shutdown_grace_secs in make_agent
 
 
 def daemon_state(agent) -> str | None:
-    return (process.read_status(agent.cfg.paths.data_dir) or {}).get("state")
+    live = process.read_status(agent.cfg.paths.data_dir)
+    return live.state_name if live is not None else None
 
 
 def start_running(agent, dev_client, docker_engine, *, start: bool = True) -> str:

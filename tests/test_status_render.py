@@ -1,5 +1,6 @@
-"""`status` from a status file: ages computed when it runs, every field rendered, old files still readable;
-and the warning about another daemon of the same service. No engine: a held pidfile stands in for a daemon."""
+"""`status` from a status file: ages computed when it runs, every field rendered, old and garbled files still
+readable, the engine named; and the warning about another daemon of the same service. No engine: a held pidfile
+stands in for a daemon."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import time
 
 import pytest
 
-from agent_core import cli, config, process
+from agent_core import config, process
+from agent_core.executor import EngineInfo
+from agent_core.lifecycle import Step
+from agent_core.livestatus import EngineSeen, LastError, LiveStatus, TaskEntry
 from tests.agent_fixtures import agent_cli, wait_until
 from tests.test_cli import API_KEY, registered_config
 
@@ -35,25 +39,59 @@ def full_status(now: float) -> dict:
 
 def test_ages_are_computed_at_read_time_from_timestamps():
     now = 10_000.0
-    out = cli.with_ages(full_status(now), now)
+    out = LiveStatus.from_json(full_status(now)).with_ages(now)
     assert out["last_poll_age_secs"] == 3 and out["last_heartbeat_age_secs"] == 12 and out["started_age_secs"] == 600
     assert [t["age_secs"] for t in out["tasks"]] == [90, 300]
     assert [t["stage_age_secs"] for t in out["tasks"]] == [20, 7]
     assert out["errors"]["heartbeat"]["age_secs"] == 40
     old = {"pid": 1, "state": "running", "tasks": [{"id": "t", "stage": "running", "age_secs": 5.0, "container": None}]}
-    assert cli.with_ages(old, now)["tasks"][0]["age_secs"] == 5.0  # an older daemon's file: its own age
+    assert LiveStatus.from_json(old).with_ages(now)["tasks"][0]["age_secs"] == 5.0  # an older daemon's: its own age
+
+
+DOCKER = EngineInfo(engine="docker", version="20.10.24", rootless=False, where="unix:///var/run/docker.sock")
+
+
+def test_a_status_reads_back_as_written():
+    status = LiveStatus(pid=7, state=Step.DRAINING, reason="r", name="n", started_at=1.0, stop_requested_at=2.0,
+                        service_id="svc", capacity=3, engine_ok=True, engine=EngineSeen.of(DOCKER), last_poll=4.0,
+                        last_heartbeat=5.0, errors={"poll": LastError(6.0, "503")},
+                        tasks=(TaskEntry("t", "running", 1.5, 2.5, "abc", {"down_bytes": 3}),),
+                        requests={"limit_per_minute": 60})
+    assert LiveStatus.from_json(json.loads(json.dumps(status.to_json()))) == status
+    # the keys status --json always had are all there, the engine beside them
+    assert set(status.to_json()) == {"pid", "state", "reason", "name", "started_at", "stop_requested_at", "service_id",
+                                     "capacity", "engine_ok", "last_poll", "last_heartbeat", "errors", "tasks",
+                                     "requests", "engine"}
+    assert status.to_json()["engine"] == {"engine": "docker", "version": "20.10.24", "rootless": False,
+                                          "where": "unix:///var/run/docker.sock",
+                                          "line": "docker 20.10.24 at unix:///var/run/docker.sock"}
+
+
+@pytest.mark.parametrize("garbled", [None, [], "running", {"pid": "7", "state": "flying", "tasks": "t",
+                                                              "errors": ["x"], "engine": 5, "capacity": True,
+                                                              "started_at": "yesterday", "requests": [1]},
+                                     {"tasks": [None, {"id": 5, "progress": {"down_bytes": "x"}}],
+                                      "errors": {"poll": {"at": "now"}}, "engine": {"engine": "docker"}}])
+def test_a_garbled_status_reads_as_absent_fields_never_an_error(garbled):
+    status = LiveStatus.from_json(garbled)
+    assert status.pid is None and status.state is None and status.engine is None and status.capacity is None
+    assert status.started_at is None and status.requests == {}
+    assert all(t.id == "?" and t.progress == {} for t in status.tasks)
+    assert all(e.at is None for e in status.errors.values())
+    assert status.to_json()["state"] == "starting"
 
 
 @pytest.fixture
 def daemon_here(tmp_path):
-    """A config whose data dir is held by this test process, as if a daemon ran: write(status) sets its file."""
+    """A config whose data dir is held by this test process, as if a daemon ran: write(status) sets its file
+(a dict as JSON, a str as it is)."""
     path = registered_config(tmp_path, **{"agent.name": "node-7"})
     data_dir = process.ensure_data_dir(tmp_path / "data")
     pidfile = process.PidFile(data_dir)
     pidfile.acquire()
 
-    def write(status: dict) -> None:
-        (data_dir / process.STATUSFILE).write_text(json.dumps(status))
+    def write(status: dict | str) -> None:
+        (data_dir / process.STATUSFILE).write_text(status if isinstance(status, str) else json.dumps(status))
 
     yield path, write
     pidfile.release()
@@ -81,14 +119,40 @@ def test_status_renders_state_reason_errors_and_task_progress(daemon_here):
     assert data["tasks"][0]["age_secs"] >= 90 and data["tasks"][0]["progress"]["down_total"] == 8 * 1024**2
 
 
+@pytest.mark.parametrize("engine_ok, rootless, shown", [
+    (True, False, "docker 20.10.24 at unix:///var/run/docker.sock"),
+    (True, True, "docker 20.10.24 (rootless) at unix:///var/run/docker.sock"),
+    (False, False, "NOT reachable at unix:///var/run/docker.sock (no new tasks)"),
+])
+def test_status_names_the_engine(daemon_here, engine_ok, rootless, shown):
+    path, write = daemon_here
+    engine = EngineSeen.of(EngineInfo("docker", "20.10.24", rootless, "unix:///var/run/docker.sock"))
+    write(LiveStatus(pid=os.getpid(), state=Step.RUNNING, engine_ok=engine_ok, engine=engine).to_json())
+    text = agent_cli("status", config_path=path, check=True).stdout
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("engine ")]
+    assert line.split(None, 1)[1] == shown, text
+    daemon = json.loads(agent_cli("status", "--json", config_path=path, check=True).stdout)["daemon"]
+    assert daemon["engine"]["rootless"] is rootless and daemon["engine_ok"] is engine_ok
+
+
+def test_a_garbled_status_file_shows_the_daemon_starting(daemon_here):
+    path, write = daemon_here
+    write({"pid": os.getpid(), "state": "running", "tasks": "not a list", "errors": 7, "started_at": "x"})
+    text = agent_cli("status", config_path=path, check=True).stdout
+    assert f"running (pid {os.getpid()}, running)" in text and "none running" in text
+    write('{"pid": ')  # cut off mid-write (the daemon writes atomically, but a disk can fail)
+    assert f"running (pid {os.getpid()}, starting)" in agent_cli("status", config_path=path, check=True).stdout
+
+
 def test_an_older_status_file_still_renders(daemon_here):
     path, write = daemon_here
     write({"pid": os.getpid(), "state": "draining",
-           "tasks": [{"id": "t-9", "stage": "running", "age_secs": 5.0, "container": None}]})
+           "tasks": [{"id": "old-task-9", "stage": "running", "age_secs": 5.0, "container": None}]})
     text = agent_cli("status", config_path=path, check=True).stdout
     assert f"running (pid {os.getpid()}, draining)" in text
-    (line,) = [ln for ln in text.splitlines() if "t-9" in ln]
-    assert line.split()[:4] == ["t-9", "running", "5", "s"]
+    # (the line that starts with the id: the config's path may hold any short string, e.g. pytest-99)
+    (line,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["old-task-9"]]
+    assert line.split()[:4] == ["old-task-9", "running", "5", "s"]
 
 
 @pytest.mark.parametrize("cmdline, cwd, env, expected", [

@@ -13,6 +13,8 @@ import psutil
 import pytest
 
 from agent_core import process
+from agent_core.lifecycle import Step
+from agent_core.livestatus import LiveStatus
 from tests.agent_fixtures import agent_cli, wait_until
 from tests.test_cli import registered_config
 
@@ -27,7 +29,8 @@ def fake_daemon(tmp_path):
         data_dir = process.ensure_data_dir(tmp_path / "data")
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.fake_daemon", str(data_dir), str(exit_after)],
                                       cwd=Path(__file__).parent.parent))
-        wait_until(lambda: (process.read_status(data_dir) or {}).get("state") == "running", 30, "the fake daemon")
+        wait_until(lambda: getattr(process.read_status(data_dir), "state", None) is Step.RUNNING, 30,
+                   "the fake daemon")
         return data_dir
 
     yield start
@@ -86,4 +89,4 @@ def test_stop_force_during_a_drain_takes_one_step_to_cancel(tmp_path, fake_daemo
     ({}, None, "starting, 0 tasks left"),
 ])
 def test_stop_progress(status, since, expected):
-    assert process.stop_progress(status, 300, since, now=1050.0) == expected
+    assert process.stop_progress(LiveStatus.from_json(status), 300, since, now=1050.0) == expected

@@ -28,6 +28,7 @@ from agent_core.workspace import (
     check_free_disk,
     check_task_id,
     free_disk_mb,
+    open_input,
     open_output,
     remove_workspace,
     safe_name,
@@ -170,6 +171,28 @@ def test_create_sets_modes_whatever_the_umask(tmp_path: Path) -> None:
     assert mode(ws.root) == 0o755 and mode(ws.input_dir) == 0o755
     assert mode(ws.output_dir) == 0o777 and mode(ws.meta) == 0o700
     assert list(ws.output_dir.iterdir()) == []
+
+
+def test_an_input_opens_empty_0644_whatever_the_umask_and_never_through_a_link(tmp_path: Path) -> None:
+    ws = Workspace.for_task(tmp_path / "data", "task-1")
+    ws.create()
+    _, path = ws.input_path(1, "in.txt")
+    path.write_bytes(b"an earlier attempt's bytes")
+    old = os.umask(0o077)
+    try:
+        with open_input(path) as f:
+            f.write(b"new")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    # a link at the name is refused, not written through
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    _, linked = ws.input_path(2, "in.txt")
+    linked.symlink_to(target)
+    with pytest.raises(WorkspaceError, match="cannot write input file 02-in.txt"):
+        open_input(linked)
+    assert target.read_bytes() == b"keep"
 
 
 def test_create_refuses_a_symlink_in_place_of_output(tmp_path: Path) -> None:

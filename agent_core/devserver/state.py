@@ -16,8 +16,9 @@ from typing import Any, Iterable
 
 from agent_core.devserver.responses import (
     _bad_request, _error, _forbidden, _HttpError, _not_found, _unauthorized)
+from agent_core.protocol import TASK_STATUSES
 
-_TERMINAL = ("completed", "failed", "cancelled")
+_TERMINAL = TASK_STATUSES  # what a completion may say, and where a task ends
 _HEARTBEAT_STATUSES = ("online", "busy", "offline")
 
 

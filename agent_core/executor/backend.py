@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Protocol
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol
 
 from agent_core.config import GpuConfig
 from agent_core.executor.spec import ContainerSpec, Owner
@@ -69,6 +69,19 @@ class SavedLogs:
         return self.stdout_bytes > self.max_bytes or self.stderr_bytes > self.max_bytes
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What `status` and `doctor` say about the engine: which one, its version, rootless or not."""
+
+    engine: str  # "docker" or "podman"
+    version: str
+    rootless: bool
+    where: str  # the address, never with credentials
+
+    def line(self) -> str:
+        return f"{self.engine} {self.version}{' (rootless)' if self.rootless else ''} at {self.where}"
+
+
 class Backend(Protocol):
     """Blocking container lifecycle calls, safe to use from one thread per task. Never pulls an image."""
 
@@ -79,6 +92,9 @@ class Backend(Protocol):
 
     def info(self) -> dict[str, Any]:
         """The engine's description of itself (`docker info`: ServerVersion, Runtimes, OSType, ...)."""
+
+    def engine_info(self) -> EngineInfo:
+        """Which engine answers at `where`, its version and whether it runs rootless; DockerUnavailable if none."""
 
     def check_gpu(self, gpu: GpuConfig | None) -> None:
         """Log a warning, or raise ExecutorError when tasks could never get the configured GPUs."""
@@ -95,6 +111,13 @@ class Backend(Protocol):
         """Create the task's container and return its id; adopt `owner`'s running one of the same task."""
 
     def start(self, container_id: str) -> None: ...
+
+    def put_archive(self, container_id: str, path: str, stream: Iterable[bytes]) -> None:
+        """Unpack the tar `stream` at `path` (a directory that exists) in the container, streaming.
+        Errors the stream raises pass through."""
+
+    def get_archive(self, container_id: str, path: str) -> Iterator[bytes]:
+        """`path` of the container as a tar stream, in chunks: entries named `<basename of path>/...`."""
 
     def wait(self, container_id: str) -> Exit:
         """Block until the container is not running; then its exit code and OOM flag."""

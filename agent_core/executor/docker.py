@@ -1,4 +1,5 @@
-"""`DockerBackend`: the `Backend` on one docker-py `DockerClient`.
+"""`DockerBackend`: the `Backend` on one docker-py `DockerClient`, for Docker and for Podman
+(whose service speaks Docker's API; `engine.engine_address` picks the socket).
 
 A thin, blocking, thread-safe wrapper: create → start → wait → save_logs → remove, plus stop,
 listing our containers and inspecting one. It never pulls an image and never calls
@@ -8,7 +9,8 @@ docker-py's `containers.create`.
 Every docker/requests exception is translated in one place, `_translate()`:
 connection problems → `DockerUnavailable`, a missing image → `ImageMissing`,
 a missing container → `ContainerVanished`, anything else the engine refuses →
-`ExecutorError` carrying the engine's explanation.
+`ExecutorError` carrying the engine's explanation. Where Podman answers a conflict with HTTP 500
+(a name in use, a container not running), `.status` says 409 as Docker's would.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import docker
 import docker.errors
@@ -40,17 +42,22 @@ from agent_core.errors import (
     ExecutorError,
     ImageMissing,
 )
-from agent_core.executor.backend import Exit, Found, SavedLogs, State
+from agent_core.executor.backend import EngineInfo, Exit, Found, SavedLogs, State
+from agent_core.executor.engine import DOCKER, PODMAN, Address, engine_address, engine_info_of, engine_of
 from agent_core.executor.gpu import gpu_verdict
 from agent_core.executor.spec import LABEL_SERVICE, LABEL_TASK, ContainerSpec, Owner, purge_spec
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _COPY_CHUNK = 64 * 1024
-# Docker's State.Status words; "dead" (a removal that failed) has ended too
+# Docker's State.Status words; "dead" (a removal that failed) has ended too. Podman's compat API
+# says "created" for its own "configured", but may show its other words: "stopping" is still
+# live, "stopped" (ended, not yet cleaned up) has ended.
 _STATES = {"created": State.CREATED, "running": State.RUNNING, "paused": State.PAUSED,
-           "restarting": State.RESTARTING, "exited": State.EXITED, "dead": State.EXITED}
+           "restarting": State.RESTARTING, "exited": State.EXITED, "dead": State.EXITED,
+           "configured": State.CREATED, "stopping": State.RUNNING, "stopped": State.EXITED}
+# What Podman says, with HTTP 500, where Docker says 409 Conflict
+_PODMAN_CONFLICTS = ("is already in use", "container state improper")
 
 
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -62,7 +69,8 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "environment": dict(spec.environment),
         "labels": dict(spec.labels),
         "mounts": [DockerMount(target=b.container, source=b.host, type="bind", read_only=b.readonly)
-                   for b in spec.binds],
+                   for b in spec.binds]
+                  + [DockerMount(target=target, source=None, type="volume") for target in spec.volumes],
         "network_mode": spec.network_mode,
         "read_only": spec.read_only,
         "cap_drop": list(spec.cap_drop),
@@ -98,6 +106,21 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
                                                    device_ids=ids or None, capabilities=[["gpu"]])]
     if spec.extra_hosts:
         kwargs["extra_hosts"] = dict(spec.extra_hosts)
+    return kwargs
+
+
+def podman_kwargs(kwargs: Mapping[str, Any], spec: ContainerSpec, user: str) -> dict[str, Any]:
+    """`create_kwargs(spec)` for Podman, so the container gets what it would get on Docker;
+    `user` is the one it runs as (spec.user, else the image's USER; "" = root)."""
+    kwargs = dict(kwargs)
+    # Podman keeps one log file, emptied when full, where Docker rotates log_max_files of them:
+    # one file as large as all of them bounds the disk alike.
+    kwargs["log_config"] = LogConfig(type=LogConfig.types.JSON,
+                                     config={"max-size": str(spec.log_max_size * spec.log_max_files)})
+    if not runs_as_root(user):
+        # Podman makes the added capabilities of a user that is not root ambient, so effective;
+        # Docker gives that user none (no-new-privileges keeps them out of reach).
+        kwargs["cap_add"] = []
     return kwargs
 
 
@@ -140,12 +163,13 @@ def _found(attrs: Mapping[str, Any]) -> Found:
 
 
 @contextlib.contextmanager
-def _translate(action: str, where: str, *, image: str | None = None,
+def _translate(action: str, where: str, *, engine: str = "Docker", image: str | None = None,
                missing: type[ExecutorError] = ContainerVanished) -> Iterator[None]:
-    """Map docker/requests/urllib3 exceptions raised while doing `action`.
+    """Map docker/requests/urllib3 exceptions raised while doing `action` on `engine` (its title).
 
     `missing` is what a plain 404 means here (a vanished container, for most calls).
-    An `ExecutorError` for a refused request carries the HTTP status as `.status`.
+    An `ExecutorError` for a refused request carries the HTTP status as `.status` (409 for
+    Podman's conflicts sent as 500).
     """
     try:
         yield
@@ -156,14 +180,20 @@ def _translate(action: str, where: str, *, image: str | None = None,
     except docker.errors.NotFound as e:
         raise _refused(missing, f"{action}: {_explain(e)}", 404) from None
     except docker.errors.APIError as e:
-        raise _refused(ExecutorError, f"Docker refused to {action} (HTTP {e.status_code}): {_explain(e)}",
-                       e.status_code) from None
+        raise _refused(ExecutorError, f"{engine} refused to {action} (HTTP {e.status_code}): {_explain(e)}",
+                       _conflict_as_409(e.status_code, _explain(e))) from None
     except docker.errors.DockerException as e:
         # from_env() and API version detection raise a bare DockerException when the engine is away.
-        raise DockerUnavailable(f"Docker engine not reachable at {where}: {e}") from None
+        raise DockerUnavailable(f"{engine} engine not reachable at {where}: {e}") from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
         # OSError: streams read the raw socket below requests.
-        raise DockerUnavailable(f"Docker engine not reachable at {where}: cannot {action}: {e}") from None
+        raise DockerUnavailable(f"{engine} engine not reachable at {where}: cannot {action}: {e}") from None
+
+
+def _conflict_as_409(status: int | None, explanation: str) -> int | None:
+    if status == 500 and any(phrase in explanation for phrase in _PODMAN_CONFLICTS):
+        return 409
+    return status
 
 
 def _refused(cls: type[ExecutorError], message: str, status: int | None) -> ExecutorError:
@@ -244,33 +274,41 @@ class DockerBackend:
     """Blocking container lifecycle calls; safe to use from one thread per task.
 
     The client is made on first use (so an engine that is down at start-up is a
-    `DockerUnavailable` from the first call, not from the constructor). Each blocked
-    `wait` holds one pooled connection: size `pool_size` to capacity plus a margin.
+    `DockerUnavailable` from the first call, not from the constructor), at `address`
+    (default: Docker's, from the environment). Each blocked `wait` holds one pooled
+    connection: size `pool_size` to capacity plus a margin.
     """
 
-    def __init__(self, client: docker.DockerClient | None = None, *, pool_size: int = 10,
-                 wait_poll_secs: float = 60.0):
+    def __init__(self, client: docker.DockerClient | None = None, *, address: Address | None = None,
+                 pool_size: int = 10, wait_poll_secs: float = 60.0):
         self._client = client
         self._own_client = client is None
+        self._address = address or engine_address(DOCKER, "", os.environ, os.geteuid())
         self._pool_size = pool_size
         self._wait_poll_secs = wait_poll_secs
         self._lock = threading.Lock()
         self._closed = False
-        self.where = _describe_client(client) if client is not None else os.environ.get("DOCKER_HOST") or _DEFAULT_SOCKET
+        self._engine: str | None = None  # the engine that answers, once asked
+        self.where = _describe_client(client) if client is not None else self._address.url
 
     # -- plumbing
 
     def _api(self) -> docker.DockerClient:
         with self._lock:
             if self._closed:
-                raise ExecutorError("the Docker executor was closed")
+                raise ExecutorError(f"the {self._address.title} backend was closed")
             if self._client is None:
-                with _translate("connect", self.where):
-                    self._client = docker.DockerClient.from_env(max_pool_size=self._pool_size)
+                with self._do("connect"):
+                    self._client = self._connect()
             return self._client
 
+    def _connect(self) -> docker.DockerClient:
+        if self._address.from_env:  # DOCKER_HOST keeps the TLS settings the docker CLI reads with it
+            return docker.DockerClient.from_env(max_pool_size=self._pool_size)
+        return docker.DockerClient(base_url=self._address.url, max_pool_size=self._pool_size)
+
     def _do(self, action: str, **kw: Any) -> contextlib.AbstractContextManager[None]:
-        return _translate(action, self.where, **kw)
+        return _translate(action, self.where, engine=self._address.title, **kw)
 
     # -- engine and images
 
@@ -283,13 +321,21 @@ class DockerBackend:
         except ExecutorError as e:
             if isinstance(e, DockerUnavailable):
                 raise
-            raise DockerUnavailable(f"Docker engine not reachable at {self.where}: {e}") from None
+            raise DockerUnavailable(f"{self._address.title} engine not reachable at {self.where}: {e}") from None
 
     def info(self) -> dict[str, Any]:
         """`docker info`: ServerVersion, Runtimes, OSType, ..."""
         client = self._api()
         with self._do("read the engine info"):
             return client.api.info()
+
+    def engine_info(self) -> EngineInfo:
+        """Which engine answers (whatever the config says), its version, and whether it is rootless."""
+        client = self._api()
+        with self._do("read the engine version"):
+            version = client.api.version()
+            info = client.api.info()
+        return engine_info_of(version, info, self.where)
 
     def check_gpu(self, gpu: GpuConfig | None) -> None:
         """The start-up precheck: log a warning, or raise ExecutorError when tasks could never get GPUs."""
@@ -359,7 +405,7 @@ class DockerBackend:
         never removed.
         """
         client = self._api()
-        kwargs = create_kwargs(spec)
+        kwargs = self._create_kwargs(client, spec)
         for attempt in (1, 2):
             try:
                 with self._do(f"create container {spec.name}", image=spec.image, missing=ExecutorError):
@@ -384,10 +430,50 @@ class DockerBackend:
             self.remove(existing.id)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _create_kwargs(self, client: docker.DockerClient, spec: ContainerSpec) -> dict[str, Any]:
+        """`create_kwargs`, made for Podman when Podman answers (see `podman_kwargs`)."""
+        kwargs = create_kwargs(spec)
+        if self._answering_engine(client) != PODMAN:
+            return kwargs
+        user = spec.user or ""
+        if not user and spec.cap_add:  # whose the capabilities are depends on the image's USER
+            with self._do(f"inspect image {spec.image}", image=spec.image, missing=ImageMissing):
+                user = (client.api.inspect_image(spec.image).get("Config") or {}).get("User") or ""
+        return podman_kwargs(kwargs, spec, user)
+
+    def _answering_engine(self, client: docker.DockerClient) -> str:
+        """Which engine answers (asked once): what the container looks like may depend on it."""
+        if self._engine is None:
+            with self._do("read the engine version"):
+                self._engine = engine_of(client.api.version())
+        return self._engine
+
     def start(self, container_id: str) -> None:
         client = self._api()
         with self._do(f"start container {container_id}"):
             client.api.start(container_id)
+
+    def put_archive(self, container_id: str, path: str, stream: Iterable[bytes]) -> None:
+        """Unpack the tar `stream` at `path` in the container; the body is sent chunked, as it comes."""
+        client = self._api()
+        with self._do(f"copy files into {path} of container {container_id}"):
+            client.api.put_archive(container_id, path, stream)
+
+    def get_archive(self, container_id: str, path: str) -> Iterator[bytes]:
+        """`path` of the container as a tar stream, in the chunks the engine sends."""
+        client = self._api()
+        action = f"copy {path} out of container {container_id}"
+        with self._do(action):
+            stream, _ = client.api.get_archive(container_id, path)
+        return self._chunks(stream, action)
+
+    def _chunks(self, stream: Iterator[bytes], action: str) -> Iterator[bytes]:
+        try:
+            with self._do(action):  # a stream fails as it is read: translated as well
+                yield from stream
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()  # type: ignore[attr-defined]
 
     def wait(self, container_id: str) -> Exit:
         """Block until the container is not running; then its exit code and OOM flag.
@@ -480,7 +566,7 @@ class DockerBackend:
         spec = purge_spec(image, entry, owner)
         client = self._api()
         with self._do(f"create container {spec.name}", image=image, missing=ExecutorError):
-            container_id = client.containers.create(**create_kwargs(spec)).id
+            container_id = client.containers.create(**self._create_kwargs(client, spec)).id
         try:
             self.start(container_id)
             code = self.wait(container_id).code
@@ -523,6 +609,12 @@ class DockerBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def runs_as_root(user: str) -> bool:
+    """Does the container's `user` ("" = the image's default, root) run as root? By name, as
+    Podman decides it: a name the image maps to uid 0 counts as not root, the safe side."""
+    return user.partition(":")[0] in ("", "root", "0")
 
 
 def _is_conflict(e: ExecutorError) -> bool:

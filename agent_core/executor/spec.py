@@ -102,6 +102,7 @@ class ContainerSpec:
     environment: Mapping[str, str]
     labels: Mapping[str, str]
     binds: tuple[Bind, ...]
+    volumes: tuple[str, ...] = ()  # where an anonymous volume of its own is mounted (removed with it)
     mem_limit: int | None = None
     nano_cpus: int | None = None
     pids_limit: int | None = None
@@ -126,7 +127,7 @@ class ContainerSpec:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
-        for name in ("binds", "cap_drop", "cap_add", "security_opt", "gpu_device_ids"):
+        for name in ("binds", "volumes", "cap_drop", "cap_add", "security_opt", "gpu_device_ids"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if NO_NEW_PRIVILEGES not in self.security_opt:
             object.__setattr__(self, "security_opt", self.security_opt + (NO_NEW_PRIVILEGES,))
@@ -143,9 +144,15 @@ def check_mounts(cfg: Config) -> None:
             raise ConfigError(f"{cfg.path}: paths.mounts[{i}].host: {mount.host} does not exist")
 
 
-def build_spec(cfg: Config, *, task_id: str, workspace: Path, owner: Owner,
+def build_spec(cfg: Config, *, task_id: str, workspace: Path | None, owner: Owner,
                extra_labels: Mapping[str, str] | None = None) -> ContainerSpec:
-    """The container for one task, following the executor contract (protocol.md §5)."""
+    """The container for one task, following the executor contract (protocol.md §5).
+
+    `workspace` is the folder bind-mounted at /workspace; None when the workspace travels through
+    the engine's API (executor.workspace = "copy"): then /workspace is an anonymous volume of the
+    container's own, which put_archive can fill before the start even with a read-only root
+    filesystem, which the container cannot swap for a link, and which goes when it is removed.
+    """
     ex = cfg.executor
     name = container_name(owner, task_id)
 
@@ -162,11 +169,13 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, owner: Owner,
     elif ex.executor_type != "standard":
         raise ConfigError(f"{cfg.path}: executor.executor_type: unknown type {ex.executor_type!r}")
 
-    workspace = Path(workspace).absolute()
-    if not workspace.is_dir():
-        raise WorkspaceError(f"workspace {workspace} does not exist or is not a directory")
+    binds: list[Bind] = []
+    if workspace is not None:
+        workspace = Path(workspace).absolute()
+        if not workspace.is_dir():
+            raise WorkspaceError(f"workspace {workspace} does not exist or is not a directory")
+        binds.append(Bind(hostpaths.bind_source(workspace), WORKSPACE_MOUNT, readonly=False))
     check_mounts(cfg)
-    binds = [Bind(hostpaths.bind_source(workspace), WORKSPACE_MOUNT, readonly=False)]
     binds += [Bind(hostpaths.bind_source(Path(m.host)), m.container, readonly=m.readonly) for m in cfg.paths.mounts]
 
     labels: dict[str, str] = {}
@@ -185,6 +194,7 @@ def build_spec(cfg: Config, *, task_id: str, workspace: Path, owner: Owner,
         environment={"TASK_ID": task_id, "TIMEOUT": str(ex.timeout_secs)},
         labels=labels,
         binds=tuple(binds),
+        volumes=(WORKSPACE_MOUNT,) if workspace is None else (),
         mem_limit=ex.memory_bytes or None,
         nano_cpus=int(round(ex.cpus * 1e9)) or None,
         pids_limit=ex.pids_limit or None,
