@@ -17,9 +17,10 @@ import click
 
 from agent_core import __version__, logs, process
 from agent_core import config as configmod
+from agent_core.config import DEFAULT_ENGINE_NAME
 from agent_core.client import Client
 from agent_core.errors import AgentError, NotRunning, UsageError
-from agent_core.livestatus import LiveStatus, TaskEntry, age
+from agent_core.livestatus import EngineEntry, LiveStatus, TaskEntry, age
 
 log = logging.getLogger("agent_core")
 
@@ -136,7 +137,7 @@ def _register(cfg: configmod.Config, token: str | None, name: str | None = None)
         token = click.prompt("registration token", hide_input=True)
     try:
         with Client.from_config(cfg, registered=False) as client:
-            reg = client.register(token, cfg.executor.capacity)
+            reg = client.register(token, cfg.executor.total_capacity)
     except AgentError as e:
         raise type(e)(logs.mask(str(e), token)) from None
     changes: dict[str, Any] = {"agent.service_id": reg.service_id, "agent.api_key": reg.api_key}
@@ -157,7 +158,7 @@ def _status(cfg: configmod.Config, live: LiveStatus | None, now: float) -> dict[
         "registered": cfg.agent.registered,
         "service_id": cfg.agent.service_id,
         "name": cfg.agent.name,
-        "executor": {"executor_type": ex.executor_type, "image": ex.image, "capacity": ex.capacity,
+        "executor": {"executor_type": ex.executor_type, "image": ex.image, "capacity": ex.total_capacity,
                      "timeout_minutes": ex.timeout_minutes, "memory_limit": ex.memory_limit,
                      "network_mode": ex.network_mode},
         "daemon": {"running": live is not None, **(live.with_ages(now) if live is not None else {})},
@@ -190,7 +191,16 @@ def _task_line(t: TaskEntry, now: float) -> str:
         stage += f" (stage {_secs(age(t.stage_since, now))})"
     progress = _progress(t.progress)
     return (f"  {t.id}  {t.stage:<11} {stage}  {progress + '  ' if progress else ''}"
-            f"container {t.container or '-'}")
+            f"container {t.container or '-'}{f' on {t.engine}' if t.engine and t.engine != DEFAULT_ENGINE_NAME else ''}")
+
+
+def _pool_line(e: EngineEntry, now: float) -> str:
+    """One engine of several: "docker 24.0.7 at unix://..., 1 of 2 tasks, bind", or since when it is away."""
+    if e.up:
+        said = e.seen.line if e.seen else f"reachable at {e.where}"
+    else:
+        said = f"NOT reachable at {e.where} for {_secs(age(e.down_since, now))} (no new tasks)"
+    return f"{said}, {e.running} of {e.capacity if e.capacity is not None else '?'} tasks, {e.workspace or '?'}"
 
 
 def _engine_line(live: LiveStatus) -> str | None:
@@ -210,8 +220,9 @@ def _daemon_lines(live: LiveStatus, name: str, now: float) -> list[tuple[str, st
         lines.append(("runs as", f"{live.name} (the name when it started)"))
     if age(live.started_at, now) is not None:
         lines.append(("up", _secs(age(live.started_at, now))))
-    engine = _engine_line(live)
-    if engine is not None:
+    if live.engines:
+        lines += [(f"engine {e.name}", _pool_line(e, now)) for e in live.engines]
+    elif (engine := _engine_line(live)) is not None:
         lines.append(("engine", engine))
     requests = live.requests
     if requests.get("limit_per_minute"):

@@ -39,6 +39,9 @@ EXECUTOR_TYPES = ("standard", "bash", "python", "custom")
 WORKSPACE_MODES = ("bind", "copy")  # how /workspace reaches the container: a bind mount, or the engine's API
 ENGINES = ("docker", "podman")  # both spoken through docker-py (Podman's Docker-compatible API)
 ENGINE_URL_SCHEMES = ("unix", "tcp", "ssh", "npipe")  # what docker-py connects to
+DEFAULT_ENGINE_NAME = "default"  # the one engine of a config without [[executor.engines]]
+# an engine's name is a label, a log word and a journal field: no spaces, quotes or slashes
+_ENGINE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 KEEP_WORKSPACES = ("none", "failed", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -200,6 +203,25 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """One engine a service's tasks may run on: an `[[executor.engines]]` table, or (without one)
+    the engine that executor.engine, engine_url, capacity and workspace describe."""
+
+    name: str = knob("", Kind.STRING)  # "" = engine-<n>, its place in the list
+    url: str = knob("", Kind.STRING)
+    engine: str = ENGINES[0]  # default: executor.engine
+    capacity: int = 1  # default: executor.capacity
+    workspace: str = WORKSPACE_MODES[0]  # default: bind for a unix:// engine, copy otherwise
+    tls_ca: Path | None = knob(None, Kind.STRING)  # tcp:// only; resolved like every path
+    tls_cert: Path | None = knob(None, Kind.STRING)
+    tls_key: Path | None = knob(None, Kind.STRING)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     base_url: str | None = knob(None, Kind.STRING)
     poll_interval_secs: float = knob(5.0, Kind.NUMBER, minimum=0, exclusive=True)
@@ -247,6 +269,20 @@ class ExecutorConfig:
     cap_add: tuple[str, ...] = knob(("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"), Kind.STRINGS)
     gpu: GpuConfig | None = None
     enable_host_access: bool = knob(False, Kind.BOOL)
+    # how long the tasks of an engine that stopped answering wait for it before they fail
+    engine_grace_secs: float = knob(300.0, Kind.NUMBER, minimum=0)
+    engines: tuple[EngineConfig, ...] = ()  # [[executor.engines]]; () = the one engine above
+
+    @property
+    def engine_list(self) -> tuple[EngineConfig, ...]:
+        """The engines tasks run on: the [[executor.engines]] tables, or the single one."""
+        return self.engines or (EngineConfig(name=DEFAULT_ENGINE_NAME, url=self.engine_url, engine=self.engine,
+                                             capacity=self.capacity, workspace=self.workspace),)
+
+    @property
+    def total_capacity(self) -> int:
+        """Tasks at once over every engine: what `register` offers."""
+        return sum(e.capacity for e in self.engine_list)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -497,9 +533,54 @@ def _agent(s: _Section, values: dict[str, Any]) -> AgentConfig:
     return AgentConfig(**{**values, "name": values["name"] or AgentConfig.name})
 
 
+def _read_engine(s: _Section, index: int, executor: dict[str, Any]) -> EngineConfig:
+    """One [[executor.engines]] table; what it leaves out comes from [executor]."""
+    values = s.knobs(EngineConfig)
+    url = _check(s, "url", values["url"], parse_engine_url)
+    if not url:
+        raise s.fail("url", "is required: unix://, tcp:// or ssh:// (e.g. \"tcp://build-2:2376\")")
+    name = values["name"] or f"engine-{index + 1}"
+    if not _ENGINE_NAME_RE.match(name):
+        raise s.fail("name", f"use letters, digits, '_', '.' and '-' (at most 64; got {name!r})")
+    scheme = urlsplit(url).scheme
+    tls = {key: _resolve(s, key, values[key]) if values[key] else None for key in ("tls_ca", "tls_cert", "tls_key")}
+    if any(tls.values()) and scheme != "tcp":
+        raise s.fail("tls_ca", f"TLS settings need a tcp:// url (got {scheme}://)")
+    if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+        raise s.fail("tls_cert", "tls_cert and tls_key go together (the client certificate and its key)")
+    return EngineConfig(
+        name=name, url=url, **tls,
+        engine=s.string("engine", executor["engine"], ENGINES),
+        capacity=s.number("capacity", executor["capacity"], minimum=1, integer=True),
+        workspace=s.string("workspace", WORKSPACE_MODES[0 if scheme == "unix" else 1], WORKSPACE_MODES))
+
+
+def _read_engines(executor: _Section, values: dict[str, Any]) -> tuple[EngineConfig, ...]:
+    executor.used.add("engines")
+    raw = executor.raw.get("engines")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise executor.fail("engines", "must be an array of tables ([[executor.engines]]), at least one")
+    engines = []
+    for i, item in enumerate(raw):
+        s = _Section(executor.path, f"executor.engines[{i}]", item)
+        engine = _read_engine(s, i, values)
+        for key in s.unknown():
+            raise ConfigError(f"{executor.path}: {key}: unknown key (name, engine, url, capacity, workspace, "
+                              "tls_ca, tls_cert and tls_key are known)")
+        for other in engines:
+            if other.name == engine.name:
+                raise s.fail("name", f"{engine.name!r} names two engines: each needs its own")
+            if other.url == engine.url:  # one engine twice: its capacity counted twice, its containers swept twice
+                raise s.fail("url", f"{engine.url!r} is also engine {other.name!r}")
+        engines.append(engine)
+    return tuple(engines)
+
+
 def _executor(s: _Section, values: dict[str, Any]) -> ExecutorConfig:
     _check(s, "engine_url", values["engine_url"], parse_engine_url)
-    executor = ExecutorConfig(**values, gpu=_read_gpu(s))
+    executor = ExecutorConfig(**values, gpu=_read_gpu(s), engines=_read_engines(s, values))
     if not executor.image:
         raise s.fail("image", "must not be empty")
     if not executor.working_dir.startswith("/"):

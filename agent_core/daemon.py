@@ -9,8 +9,9 @@ import signal
 from agent_core import metrics, netreach, preflight, process
 from agent_core.client import Client
 from agent_core.config import Config
+from agent_core.engines import EnginePool
 from agent_core.errors import EXIT_FAILURE, ExecutorError
-from agent_core.executor import check_mounts, open_backend
+from agent_core.executor import check_mounts
 from agent_core.lifecycle import Lifecycle
 from agent_core.scheduler import ExitNow, Scheduler
 
@@ -18,6 +19,27 @@ log = logging.getLogger(__name__)
 
 # each blocked `wait` holds one connection; the rest serve create/stop/logs calls
 DOCKER_POOL_MARGIN = 6
+
+
+def check_engines(cfg: Config, pool: EnginePool) -> None:
+    """Refuse now rather than accept and fail every task in the queue. With several engines, one
+    that does not answer is a warning (it takes tasks once it does), unless none answers."""
+    away = []
+    for engine in pool.engines:
+        named = f"engine {engine.name!r}: " if pool.several else ""
+        problem = preflight.check(cfg, engine.backend)
+        if problem is not None and pool.several and problem.kind == "engine":
+            log.warning("%s%s (it takes tasks once it answers)", named, problem.line())
+            away.append(f"{named}{problem.line()}")
+            continue
+        if problem is not None:
+            raise ExecutorError(f"cannot run tasks: {named}{problem.line()}")
+        mismatch = preflight.engine_warning(cfg, engine.backend)
+        if mismatch:
+            log.warning("%s%s", named, mismatch)
+        engine.backend.check_gpu(cfg.executor.gpu)
+    if len(away) == len(pool.engines):
+        raise ExecutorError(f"cannot run tasks: no engine answers: {'; '.join(away)}")
 
 
 def serve(cfg: Config, *, burst: bool = False) -> int:
@@ -32,18 +54,12 @@ def serve(cfg: Config, *, burst: bool = False) -> int:
     lifecycle = Lifecycle()
     executor = client = metrics_server = None
     try:
-        executor = open_backend(cfg, cfg.executor.capacity + DOCKER_POOL_MARGIN)
-        problem = preflight.check(cfg, executor)
-        if problem is not None:  # refuse now rather than accept and fail every task in the queue
-            raise ExecutorError(f"cannot run tasks: {problem.line()}")
-        mismatch = preflight.engine_warning(cfg, executor)
-        if mismatch:
-            log.warning("%s", mismatch)
-        executor.check_gpu(cfg.executor.gpu)
+        executor = EnginePool.open(cfg, DOCKER_POOL_MARGIN)
+        check_engines(cfg, executor)
         recorded = metrics.recorder(cfg)
         client = Client.from_config(cfg, lifecycle=lifecycle, metrics=recorded)
         scheduler = Scheduler(cfg, client, executor, lifecycle=lifecycle, metrics=recorded, burst=burst)
-        health = metrics.Health(executor.ping, functools.partial(metrics.last_contact, client.last_success))
+        health = metrics.Health(executor.ping_any, functools.partial(metrics.last_contact, client.last_success))
         metrics_server = metrics.start(cfg, recorded, health)  # None unless [metrics] listen
 
         def on_signal(signum: int, _frame: object) -> None:

@@ -193,7 +193,7 @@ def _credentials(cfg: configmod.Config, client: Client) -> Check:
         return Check("credentials", OK, f"credentials in use by the running daemon (pid {live.pid}); "
                                         f"its last heartbeat: {said} (none sent by doctor)")
     try:
-        client.heartbeat(Heartbeat("online", 0, cfg.executor.capacity))
+        client.heartbeat(Heartbeat("online", 0, cfg.executor.total_capacity))
     except AuthRejected as e:
         return Check("credentials", FAIL, f"credentials refused ({e}): the service was revoked or the key is "
                                           "wrong; with a new token: `agent-core register --force --token ...`")
@@ -230,10 +230,24 @@ def _server_checks(cfg: configmod.Config) -> Iterator[Check]:
 
 
 def _engine_checks(cfg: configmod.Config) -> Iterator[Check]:
-    with contextlib.closing(open_backend(cfg, 2)) as executor:
-        engine = _engine(cfg, executor)
-        yield from engine
-        if engine[0].status != OK:
+    """The checks for each engine; with several ([[executor.engines]]), each line names its engine."""
+    engines = cfg.executor.engine_list
+    for engine in engines:
+        named = f"engine {engine.name!r}: " if len(engines) > 1 else ""
+        for check in _checks_of_engine(cfg, engine):
+            yield replace(check, message=named + check.message)
+
+
+def _checks_of_engine(cfg: configmod.Config, engine: configmod.EngineConfig) -> Iterator[Check]:
+    try:
+        executor = open_backend(cfg, 2, engine)
+    except AgentError as e:  # paramiko missing for ssh://, a TLS file that is not there
+        yield Check("engine", FAIL, str(e))
+        return
+    with contextlib.closing(executor):
+        found = _engine(cfg, executor)
+        yield from found
+        if found[0].status != OK:
             yield Check("image", SKIP, f"executor image {cfg.executor.image} not checked: no engine")
             yield Check("task_network", SKIP, "task network not checked: no engine", essential=False)
             return

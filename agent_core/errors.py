@@ -121,3 +121,7 @@ class ImageMissing(ExecutorError):
 
 class ContainerVanished(ExecutorError):
     pass
+
+
+class EngineLost(ExecutorError):
+    """An engine stayed away past executor.engine_grace_secs: its running tasks fail with this."""

@@ -49,6 +49,7 @@ class TaskRecord:
     cancel_reason: str | None = None
     error: str | None = None  # why the task failed before its container could give a result
     engine_lost: bool = False  # the engine went away while the container ran
+    engine: str | None = None  # the name of the engine it runs on; None: an older agent's record (the first)
     uploads: dict[str, str] = field(default_factory=dict)  # workspace-relative path -> file_id
     completion: Completion | None = None
 
@@ -84,6 +85,8 @@ class TaskRecord:
             raise ValueError("uploads is not a map of paths to file ids")
         if record.container_id is not None and not isinstance(record.container_id, str):
             raise ValueError("container_id is not a string")
+        if record.engine is not None and not isinstance(record.engine, str):
+            raise ValueError("engine is not a string")
         return record
 
 

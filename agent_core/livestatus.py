@@ -67,6 +67,41 @@ class EngineSeen:
 
 
 @dataclass(frozen=True)
+class EngineEntry:
+    """One engine of the pool (agent_core.engines): reachable or not (since when), as last
+    described, its tasks and its room."""
+
+    name: str
+    where: str
+    up: bool
+    down_since: float | None = None
+    seen: EngineSeen | None = None
+    running: int = 0
+    capacity: int | None = None
+    workspace: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "where": self.where, "up": self.up, "down_since": self.down_since,
+                "engine": _seen_json(self.seen), "running": self.running, "capacity": self.capacity,
+                "workspace": self.workspace}
+
+    @classmethod
+    def from_json(cls, data: object) -> EngineEntry:
+        d = _dict(data)
+        return cls(name=_str(d.get("name")) or "?", where=_str(d.get("where")) or "?", up=d.get("up") is True,
+                   down_since=_num(d.get("down_since")), seen=EngineSeen.from_json(d.get("engine")),
+                   running=_int(d.get("running")) or 0, capacity=_int(d.get("capacity")),
+                   workspace=_str(d.get("workspace")))
+
+
+def _seen_json(seen: EngineSeen | None) -> dict[str, Any] | None:
+    if seen is None:
+        return None
+    return {"engine": seen.engine, "version": seen.version, "rootless": seen.rootless, "where": seen.where,
+            "line": seen.line}
+
+
+@dataclass(frozen=True)
 class LastError:
     """The last problem of one kind (poll, heartbeat, engine, disk, ...), for `status`."""
 
@@ -83,13 +118,14 @@ class TaskEntry:
     container: str | None = None      # short id, once launched
     progress: dict[str, int] = field(default_factory=dict)  # bytes and files moved (see TaskRunner.live)
     stored_age: float | None = None   # "age_secs" of a daemon that wrote ages, not started_at
+    engine: str | None = None         # the engine it runs on (by name)
 
     def age(self, now: float) -> float | None:
         return age(self.started_at, now) if self.started_at is not None else self.stored_age
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "stage": self.stage, "started_at": self.started_at, "stage_since": self.stage_since,
-                "container": self.container, "progress": dict(self.progress)}
+                "container": self.container, "progress": dict(self.progress), "engine": self.engine}
 
     @classmethod
     def from_json(cls, data: object) -> TaskEntry:
@@ -97,7 +133,8 @@ class TaskEntry:
         progress = {k: v for k, v in _dict(d.get("progress")).items() if _num(v) is not None}
         return cls(id=_str(d.get("id")) or "?", stage=_str(d.get("stage")) or "?",
                    started_at=_num(d.get("started_at")), stage_since=_num(d.get("stage_since")),
-                   container=_str(d.get("container")), progress=progress, stored_age=_num(d.get("age_secs")))
+                   container=_str(d.get("container")), progress=progress, stored_age=_num(d.get("age_secs")),
+                   engine=_str(d.get("engine")))
 
 
 @dataclass(frozen=True)
@@ -112,6 +149,7 @@ class LiveStatus:
     capacity: int | None = None
     engine_ok: bool | None = None  # None: a file that does not say
     engine: EngineSeen | None = None  # None until the engine first answered
+    engines: tuple[EngineEntry, ...] = ()  # every engine of the pool
     last_poll: float | None = None
     last_heartbeat: float | None = None
     errors: dict[str, LastError] = field(default_factory=dict)
@@ -127,9 +165,8 @@ class LiveStatus:
             "pid": self.pid, "state": self.state_name, "reason": self.reason, "name": self.name,
             "started_at": self.started_at, "stop_requested_at": self.stop_requested_at,
             "service_id": self.service_id, "capacity": self.capacity, "engine_ok": self.engine_ok,
-            "engine": None if self.engine is None else {
-                "engine": self.engine.engine, "version": self.engine.version, "rootless": self.engine.rootless,
-                "where": self.engine.where, "line": self.engine.line},
+            "engine": _seen_json(self.engine),
+            **({"engines": [e.to_json() for e in self.engines]} if self.engines else {}),
             "last_poll": self.last_poll, "last_heartbeat": self.last_heartbeat,
             "errors": {kind: {"at": e.at, "message": e.message} for kind, e in self.errors.items()},
             "tasks": [t.to_json() for t in self.tasks],
@@ -164,7 +201,9 @@ class LiveStatus:
             name=_str(d.get("name")), started_at=_num(d.get("started_at")),
             stop_requested_at=_num(d.get("stop_requested_at")), service_id=_str(d.get("service_id")),
             capacity=_int(d.get("capacity")), engine_ok=engine_ok if isinstance(engine_ok, bool) else None,
-            engine=EngineSeen.from_json(d.get("engine")), last_poll=_num(d.get("last_poll")),
+            engine=EngineSeen.from_json(d.get("engine")),
+            engines=tuple(EngineEntry.from_json(e) for e in d["engines"]) if isinstance(d.get("engines"), list) else (),
+            last_poll=_num(d.get("last_poll")),
             last_heartbeat=_num(d.get("last_heartbeat")), errors=errors,
             tasks=tuple(TaskEntry.from_json(t) for t in tasks) if isinstance(tasks, list) else (),
             requests=_dict(d.get("requests")),

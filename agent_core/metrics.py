@@ -19,14 +19,18 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
+from prometheus_client.core import GaugeMetricFamily
 
 from agent_core.config import Config, parse_listen
 from agent_core.errors import AgentError, ProcessError
 from agent_core.protocol import TASK_STATUSES
+
+if TYPE_CHECKING:
+    from agent_core.livestatus import EngineEntry
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,10 @@ class Metrics:
     def transferred(self, direction: str, n: int) -> None:
         """`n` file bytes went `up` (outputs) or `down` (inputs)."""
 
-    def watch(self, running: Callable[[], int], capacity: int) -> None:
-        """Read the number of running tasks from `running` at each scrape."""
+    def watch(self, running: Callable[[], int], capacity: int | Callable[[], int],
+              engines: Callable[[], Sequence[EngineEntry]] | None = None) -> None:
+        """Read the number of running tasks from `running` at each scrape, the capacity offered from
+        `capacity`, and each engine (reachable or not, its running tasks) from `engines`."""
 
     def render(self) -> bytes:
         return b""
@@ -68,8 +74,8 @@ class PrometheusMetrics(Metrics):
                                    buckets=DURATION_BUCKETS, registry=r)
         self._running = Gauge("agent_core_running_tasks", "Tasks on this agent now, in any stage.",
                               registry=r)
-        self._capacity = Gauge("agent_core_capacity", "Tasks this agent runs at once (executor.capacity).",
-                               registry=r)
+        self._capacity = Gauge("agent_core_capacity", "Tasks this agent runs at once: the capacity of the "
+                               "engines that answer (executor.capacity with one engine).", registry=r)
         self._errors = Counter("agent_core_errors",
                                "Failed requests to the server, every attempt, by endpoint.", ["kind"],
                                registry=r)
@@ -92,16 +98,41 @@ class PrometheusMetrics(Metrics):
     def transferred(self, direction: str, n: int) -> None:
         self._bytes.labels(direction).inc(n)
 
-    def watch(self, running: Callable[[], int], capacity: int) -> None:
+    def watch(self, running: Callable[[], int], capacity: int | Callable[[], int],
+              engines: Callable[[], Sequence[EngineEntry]] | None = None) -> None:
         self._running.set_function(running)
-        self._capacity.set(capacity)
+        if callable(capacity):
+            self._capacity.set_function(capacity)
+        else:
+            self._capacity.set(capacity)
+        if engines is not None:
+            self.registry.register(_EngineCollector(engines))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+class _EngineCollector:
+    """Per-engine gauges, read from the pool at each scrape."""
+
+    def __init__(self, engines: Callable[[], Sequence[EngineEntry]]):
+        self._engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("agent_core_engine_up", "1 while the container engine answers, by engine name.",
+                               labels=["engine"])
+        running = GaugeMetricFamily("agent_core_engine_running_tasks", "Tasks placed on the engine now.",
+                                    labels=["engine"])
+        for e in self._engines():
+            up.add_metric([e.name], 1.0 if e.up else 0.0)
+            running.add_metric([e.name], float(e.running))
+        yield up
+        yield running
+
+
 class Health:
-    """/healthz: the engine answers a ping; the server answered a poll or heartbeat lately.
+    """/healthz: an engine answers a ping (with several, at least one); the server answered a poll or
+    heartbeat lately.
 
     The server side asks no new request per check: a scraper must not eat the request budget.
     """

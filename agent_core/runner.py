@@ -180,7 +180,8 @@ class TaskRunner:
             except OSError:
                 pass
         return TaskEntry(id=self.task_id, stage=self.phase, started_at=self.started, stage_since=self.stage_since,
-                         container=(self.record.container_id or "")[:12] or None, progress=progress)
+                         container=(self.record.container_id or "")[:12] or None, progress=progress,
+                         engine=self.record.engine)
 
     def _run(self) -> None:
         logs.current_task.set(self.task_id)  # every line this thread logs names the task

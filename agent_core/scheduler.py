@@ -14,6 +14,8 @@ Shutdown ladder (lifecycle.Step; `request_stop` moves it one step):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -25,11 +27,12 @@ from agent_core import workspace as wsmod
 from agent_core.budget import Backoff
 from agent_core.client import Client
 from agent_core.config import Config
-from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, ServerError,
+from agent_core.engines import Engine, EnginePool
+from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, EngineLost, ServerError,
                                ServerUnavailable, TaskGone, UnsafePath, WorkspaceError)
 from agent_core.executor import Backend, Owner
 from agent_core.janitor import Janitor
-from agent_core.journal import Journal, TaskRecord
+from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.lifecycle import Lifecycle, Step
 from agent_core.livestatus import EngineSeen, LastError, LiveStatus
 from agent_core.metrics import Metrics
@@ -80,22 +83,25 @@ class _Throttled:
 
 class Scheduler:
     """`lifecycle` is the one the client was built with: the ladder moves it, and its exit-now
-    step cuts the client's retries short. `metrics` hears the load and each task's outcome."""
+    step cuts the client's retries short. `metrics` hears the load and each task's outcome.
+    `executor` is the pool of engines (agent_core.engines), or the one engine's backend."""
 
-    def __init__(self, cfg: Config, client: Client, executor: Backend, *, lifecycle: Lifecycle,
+    def __init__(self, cfg: Config, client: Client, executor: Backend | EnginePool, *, lifecycle: Lifecycle,
                  metrics: Metrics | None = None, burst: bool = False):
         self.cfg = cfg
         self.client = client
-        self.executor = executor
+        self.pool = executor if isinstance(executor, EnginePool) else EnginePool.of(cfg, [executor])
+        self.executor = self.pool.first.backend
         self.lifecycle = lifecycle
         self.burst = burst  # leave once the queue is empty and nothing runs (tests, benchmarks)
-        self.capacity = cfg.executor.capacity
         self.service_id = client.service_id or ""
         self.owner = Owner.of(self.service_id, cfg.paths.data_dir)
         self.journal = Journal(cfg.paths.data_dir)
-        # root removes whatever a container left; anyone else needs a root container for that
-        purge = None if os.geteuid() == 0 else (
-            lambda entry: executor.purge(cfg.executor.image, entry, self.owner))
+        # root removes whatever a container left; anyone else needs a root container for that, on an
+        # engine that sees this host's data dir (with none, the agent itself wrote every file)
+        local = self.pool.bind_engine()
+        purge = None if os.geteuid() == 0 or local is None else (
+            lambda entry: local.backend.purge(cfg.executor.image, entry, self.owner))
         self.janitor = Janitor(cfg.paths.data_dir, purge)
         self.exit_code = 0
         self.last_poll: float | None = None
@@ -109,9 +115,6 @@ class Scheduler:
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._status_dirty = threading.Event()
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
-        self._engine_ok = threading.Event()
-        self._engine_ok.set()
-        self._engine: EngineSeen | None = None  # the engine as last reached, for status
         self._quiet = _Throttled()
         self._launch_failures: dict[str, int] = {}
         self._paused: tuple[preflight.Problem, float] | None = None  # the breaker, and since when
@@ -119,11 +122,17 @@ class Scheduler:
         self._journal_broken = False
         self._server_down: tuple[float, str] | None = None  # since when, and why
         metrics = metrics or Metrics()
-        metrics.watch(running=lambda: self.load, capacity=self.capacity)
-        self._deps = Deps(cfg=cfg, client=client, executor=executor, lifecycle=lifecycle, metrics=metrics,
-                          journal=self.journal, owner=self.owner, janitor=self.janitor, engine_down=self._engine_down,
-                          engine_wait=self._engine_wait, changed=self._status_dirty.set,
-                          launch_result=self._launch_result, journal_failed=self._journal_failed)
+        metrics.watch(running=lambda: self.load, capacity=self.pool.capacity, engines=self.pool.status)
+        deps = Deps(cfg=cfg, client=client, executor=self.executor, lifecycle=lifecycle, metrics=metrics,
+                    journal=self.journal, owner=self.owner, janitor=self.janitor,
+                    engine_down=functools.partial(self._engine_down, self.pool.first),
+                    engine_wait=functools.partial(self._engine_wait, self.pool.first), changed=self._status_dirty.set,
+                    launch_result=self._launch_result, journal_failed=self._journal_failed)
+        # each engine's runners get its backend, its workspace mode and its outage handling
+        self._deps = {e.name: dataclasses.replace(
+            deps, executor=e.backend, workspace_mode=e.workspace, engine_down=functools.partial(self._engine_down, e),
+            engine_wait=functools.partial(self._engine_wait, e)) for e in self.pool.engines}
+        self._probe = threading.Thread(target=self._probe_loop, name="engine-probe", daemon=True)
 
     # --- public verbs ----------------------------------------------------------
 
@@ -132,15 +141,31 @@ class Scheduler:
         with self._lock:
             return len(self._runners)
 
+    @property
+    def capacity(self) -> int:
+        """What the server is offered: the capacity of the engines that answer (agent_core.engines.offer)."""
+        return self.pool.capacity()
+
+    def _runner(self, engine: Engine, record: TaskRecord) -> TaskRunner:
+        record.engine = engine.name
+        return TaskRunner(self._deps[engine.name], record, self._on_runner_done)
+
     def run(self) -> int:
         """Serve until stopped (or, in burst mode, until idle); returns the exit code."""
-        self._describe_engine()
+        for engine in self.pool.engines:
+            self._describe_engine(engine)
         self._recover()
         self._hb_thread.start()
         self._status_thread.start()
+        if self.pool.several:
+            self._probe.start()
         self.write_status()
         log.info("agent %s running: service %s, capacity %d, image %s", self.cfg.agent.name, self.service_id,
                  self.capacity, self.cfg.executor.image)
+        if self.pool.several:
+            for e in self.pool.status():
+                log.info("engine %r: %s, capacity %d, workspace %s", e.name,
+                         e.seen.line if e.up and e.seen else f"unreachable at {e.where}", e.capacity, e.workspace)
         try:
             self._supervise()
             self._shutdown()
@@ -172,7 +197,8 @@ class Scheduler:
 
     def exit_now(self) -> None:
         self.lifecycle.exit_now()
-        self._engine_ok.set()  # runners waiting for a lost engine go on, see the exit and leave
+        for engine in self.pool.engines:
+            engine.up.set()  # runners waiting for a lost engine go on, see the exit and leave
         raise ExitNow(1)
 
     # --- supervisor -------------------------------------------------------------
@@ -187,7 +213,7 @@ class Scheduler:
         while self.lifecycle.step is Step.RUNNING:
             self._disk_ok()  # once per poll: decides intake (_can_take_work) and what status says
             try:
-                result = self.client.poll(self.load, self.capacity, interrupt=self.lifecycle.stopping)
+                result = self.client.poll(*self.pool.offer(), interrupt=self.lifecycle.stopping)
             except AuthRejected as e:
                 log.error("the server refused our credentials, stopping: %s", e)
                 self.exit_code = 1
@@ -234,9 +260,10 @@ class Scheduler:
         with self._lock:
             requeued = task.id in self._runners
             if not requeued:
-                if len(self._runners) >= self.capacity or not self._can_take_work():
+                engine = self.pool.reserve(task.id) if self._can_take_work() else None
+                if engine is None:
                     return False
-                runner = TaskRunner(self._deps, TaskRecord(task=task), self._on_runner_done)
+                runner = self._runner(engine, TaskRecord(task=task))
                 self._runners[task.id] = runner  # the slot is taken before accept
         if requeued:
             # the server requeued a task that still runs here: take it back, keep the container
@@ -248,7 +275,9 @@ class Scheduler:
                 log.warning("task %s: accept failed: %s", task.id, e, extra={"task_id": task.id})
             return False
         accepted = False
-        if self._engine_answers():  # an idle agent learns of a lost engine here, not from a lost task
+        engine = self._answering(runner)
+        if engine is not None:
+            runner = self._runners[task.id]
             try:
                 accepted = self.client.accept(task.id)
             except ServerError as e:
@@ -256,19 +285,36 @@ class Scheduler:
         if not accepted:
             with self._lock:
                 del self._runners[task.id]
-            return self._engine_ok.is_set()
+            self.pool.release(task.id)
+            return self.pool.any_up()
         try:
             self.journal.save(runner.record)
         except AgentError as e:
             log.error("task %s: %s", task.id, e, extra={"task_id": task.id})
-        log.info("task %s: accepted (%d input files)", task.id, len(task.input_files),
-                 extra={"task_id": task.id})
+        log.info("task %s: accepted (%d input files)%s", task.id, len(task.input_files),
+                 f" on engine {engine.name!r}" if self.pool.several else "", extra={"task_id": task.id})
         runner.start()
-        return self.load < self.capacity
+        return self.pool.has_room()
+
+    def _answering(self, runner: TaskRunner) -> Engine | None:
+        """The engine `runner` was placed on if it answers, else the next the pool picks that does
+        (the runner made anew for it); None when none does. An idle agent learns of a lost engine
+        here, not from a lost task."""
+        task_id, engine = runner.task_id, self.pool.get(runner.record.engine)
+        tried: list[Engine] = []
+        while engine is not None and not self._engine_answers(engine):
+            tried.append(engine)
+            self.pool.release(task_id)
+            engine = self.pool.reserve(task_id, exclude=tried)
+            if engine is not None:
+                with self._lock:
+                    self._runners[task_id] = self._runner(engine, TaskRecord(task=runner.record.task))
+        return engine
 
     def _can_take_work(self) -> bool:
-        # the disk was checked before this poll (_supervise); a journal failure since then counts too
-        return self._engine_ok.is_set() and self._paused is None and self._disk_low is None
+        # the disk was checked before this poll (_supervise); a journal failure since then counts too.
+        # Whether an engine answers and has room is the pool's to say.
+        return self._paused is None and self._disk_low is None
 
     def _disk_ok(self) -> bool:
         """Room on the data dir's disk (and for the journal); `status` shows why not."""
@@ -302,7 +348,7 @@ class Scheduler:
             if count < LAUNCH_FAILURES_TO_PAUSE or self._paused is not None:
                 return
             self._paused = (preflight.Problem(kind, str(error), "see `agent-core doctor`"), time.time())
-        problem = preflight.check(self.cfg, self.executor) or self._paused[0]
+        problem = self._preflight() or self._paused[0]
         self._paused = (problem, self._paused[1])
         self._quiet.warning("launch", "%s", problem.message)
         log.error("not taking tasks after %d launch failures in a row: %s (checking again every %.0f s)",
@@ -312,7 +358,7 @@ class Scheduler:
 
     def _recheck(self) -> None:
         while not self.lifecycle.wait(RECHECK_SECS):
-            if preflight.check(self.cfg, self.executor) is None:
+            if self._preflight() is None:
                 with self._lock:
                     self._paused = None
                     self._launch_failures.clear()
@@ -320,6 +366,16 @@ class Scheduler:
                 self._status_dirty.set()
                 self._wakeup.set()
                 return
+
+    def _preflight(self) -> preflight.Problem | None:
+        """The first engine's reason no task could start there; with several engines, one that does
+        not answer is left to the outage handling (the others take the tasks)."""
+        for engine in self.pool.engines:
+            problem = preflight.check(self.cfg, engine.backend)
+            if problem is not None and not (self.pool.several and problem.kind == "engine"):
+                return dataclasses.replace(problem, message=f"engine {engine.name!r}: {problem.message}") \
+                    if self.pool.several else problem
+        return None
 
     def _journal_failed(self, error: AgentError) -> None:
         """A journal write failed (a full disk, mostly): take no work until the disk has room."""
@@ -371,66 +427,93 @@ class Scheduler:
 
     def _on_runner_done(self, runner: TaskRunner) -> None:
         with self._lock:
-            self._runners.pop(runner.task_id, None)
+            if self._runners.get(runner.task_id) is runner:
+                del self._runners[runner.task_id]
+        self.pool.release(runner.task_id)
         self._status_dirty.set()
         self._wakeup.set()
 
-    # --- the engine -------------------------------------------------------------
+    # --- the engines ------------------------------------------------------------
 
-    def _describe_engine(self) -> None:
-        """What status says about the engine: read at start and each time it is back."""
+    def _named(self, engine: Engine) -> str:
+        """The engine in a message: "container engine 'gpu-2' at tcp://..." (no name when it is the only one)."""
+        return f"container engine{self.pool.label(engine)} at {engine.where}"
+
+    def _describe_engine(self, engine: Engine) -> None:
+        """What status says about an engine: read at start and each time it is back."""
         try:
-            self._engine = EngineSeen.of(self.executor.engine_info())
+            engine.seen = EngineSeen.of(engine.backend.engine_info())
         except DockerUnavailable:
-            self._engine_down()
+            self._engine_down(engine)
         except AgentError as e:  # an engine that answers but not as expected: status only lacks the line
-            log.warning("cannot describe the container engine: %s", e)
+            log.warning("cannot describe the %s: %s", self._named(engine), e)
         self._status_dirty.set()
 
-    def _engine_answers(self) -> bool:
+    def _engine_answers(self, engine: Engine) -> bool:
         try:
-            self.executor.ping()
+            engine.backend.ping()
         except DockerUnavailable:
-            self._engine_down()
+            self._engine_down(engine)
             return False
         return True
 
-    def _engine_down(self) -> None:
-        if self._engine_ok.is_set():
-            log.error("container engine unreachable at %s: not taking tasks until it is back", self.executor.where)
-            self._quiet.note("engine", f"container engine unreachable at {self.executor.where}")
-            self._engine_ok.clear()
-            self._status_dirty.set()
-            threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
+    def _engine_down(self, engine: Engine) -> None:
+        if not engine.mark_down():
+            return
+        if self.pool.several:
+            log.error("%s unreachable: no new tasks go there; its running tasks wait up to %.0f s for it "
+                      "(executor.engine_grace_secs)", self._named(engine), self.cfg.executor.engine_grace_secs)
+            self._quiet.note(f"engine {engine.name}", f"{self._named(engine)} unreachable")
+        else:
+            log.error("container engine unreachable at %s: not taking tasks until it is back", engine.where)
+            self._quiet.note("engine", f"container engine unreachable at {engine.where}")
+        self._status_dirty.set()
+        threading.Thread(target=self._watch_engine, args=(engine,), name=f"engine-watch-{engine.name}",
+                         daemon=True).start()
 
-    def _watch_engine(self) -> None:
+    def _watch_engine(self, engine: Engine) -> None:
         backoff = Backoff(1.0, 15.0)
-        while not self._engine_ok.is_set() and not self.lifecycle.exiting.is_set():
+        while not engine.up.is_set() and not self.lifecycle.exiting.is_set():
             try:
-                self.executor.ping()
+                engine.backend.ping()
             except DockerUnavailable:
                 self.lifecycle.wait(backoff.next())
                 continue
-            log.info("container engine is back at %s", self.executor.where)
-            self._engine_ok.set()
-            self._describe_engine()  # it may have come back as another version
+            log.info("container engine%s is back at %s", self.pool.label(engine), engine.where)
+            engine.mark_up()
+            self._describe_engine(engine)  # it may have come back as another version
+            self._sweep_engine(engine)  # what tasks that failed past the grace left there
             self._wakeup.set()
 
-    def _engine_wait(self) -> bool:
-        """Block until the engine is back; False when the task should be left to the next start
+    def _probe_loop(self) -> None:
+        """With several engines, an idle one that stops answering must leave the offered capacity
+        before a task is placed on it: each is pinged once per heartbeat interval."""
+        while not self._hb_stop.wait(self.cfg.agent.heartbeat_interval_secs):
+            for engine in self.pool.engines:
+                if engine.up.is_set():
+                    self._engine_answers(engine)
+
+    def _engine_wait(self, engine: Engine) -> bool:
+        """Block until `engine` is back; False when the task should be left to the next start
         instead: the agent exits, or is cancelling its tasks (a container it cannot reach cannot
-        be stopped; the journal lets the next start finish the task)."""
-        while not self._engine_ok.wait(ENGINE_WAIT_CHECK_SECS):  # the ladder moves without an event here
-            if self.lifecycle.step >= Step.CANCELLING:
+        be stopped; the journal lets the next start finish the task). EngineLost when it stayed
+        away past executor.engine_grace_secs."""
+        grace = self.cfg.executor.engine_grace_secs
+        while not engine.up.wait(min(ENGINE_WAIT_CHECK_SECS, max(0.01, grace - engine.lost_for()))):
+            if self.lifecycle.step >= Step.CANCELLING:  # the ladder moves without an event here
                 return False
+            if engine.lost_for() >= grace:
+                raise EngineLost(f"{self._named(engine)} did not answer for {grace:.0f} s "
+                                 "(executor.engine_grace_secs): the task's container could not be followed")
         return not self.lifecycle.exiting.is_set()
 
     # --- heartbeats and live status ---------------------------------------------
 
     def _heartbeat(self, status: str | None = None) -> None:
-        load = min(self.load, self.capacity)
-        status = status or ("busy" if load >= self.capacity else "online")
-        self.client.heartbeat(Heartbeat(status=status, current_load=load, capacity=self.capacity))
+        load, capacity = self.pool.offer()
+        load = min(load, capacity)
+        status = status or ("busy" if load >= capacity else "online")
+        self.client.heartbeat(Heartbeat(status=status, current_load=load, capacity=capacity))
         self.last_heartbeat = time.time()
 
     def _server_trouble(self, error: ServerError) -> None:
@@ -476,23 +559,29 @@ class Scheduler:
         if self._paused is not None:
             problem, since = self._paused
             return f"paused since {_clock(since)}: {problem.line()}"
-        if not self._engine_ok.is_set():
+        if not self.pool.any_up():
             return "paused: engine unreachable"
         if self._disk_low:
             return self._disk_low
         if self._server_down is not None:
             since, why = self._server_down
             return f"server unreachable since {_clock(since)}: {why}"
+        down = [e for e in self.pool.engines if not e.up.is_set()]
+        if down:
+            names = ", ".join(f"{e.name!r} since {_clock(e.down_since or time.time())}" for e in down)
+            return f"engine unreachable: {names}; tasks go to the others"
         return None
 
     def live_status(self) -> LiveStatus:
         with self._lock:
             tasks = tuple(r.live() for r in self._runners.values())
+        engines = self.pool.status()
+        shown = next((e for e in engines if e.up), engines[0])  # the single-engine fields: one that answers
         return LiveStatus(
             pid=os.getpid(), state=self.lifecycle.step, reason=self.reason(), name=self.cfg.agent.name,
             started_at=self.started, stop_requested_at=self.lifecycle.stop_requested_at,
-            service_id=self.service_id, capacity=self.capacity, engine_ok=self._engine_ok.is_set(),
-            engine=self._engine, last_poll=self.last_poll, last_heartbeat=self.last_heartbeat,
+            service_id=self.service_id, capacity=self.capacity, engine_ok=shown.up,
+            engine=shown.seen, engines=engines if self.pool.several else (), last_poll=self.last_poll, last_heartbeat=self.last_heartbeat,
             errors=dict(self._quiet.errors), tasks=tasks, requests=self.client.budget.snapshot())
 
     def write_status(self) -> None:
@@ -511,21 +600,53 @@ class Scheduler:
                 continue
             log.info("task %s: resuming after restart at stage %s", record.task_id, record.stage.name,
                      extra={"task_id": record.task_id})
-            runner = TaskRunner(self._deps, record, self._on_runner_done)
+            engine = self.pool.get(record.engine)
+            if engine is None:
+                self._engine_gone(record)
+                engine = self.pool.first  # it only reports: no container call is left to make
+            else:
+                self.pool.place(record.task_id, engine)
+            runner = self._runner(engine, record)
             with self._lock:
                 self._runners[record.task_id] = runner
             runner.start()
+        for engine in self.pool.engines:
+            if engine.up.is_set():  # one that is away is swept when it is back
+                self._sweep_engine(engine)
+        self._sweep_folders(self._known())
+
+    def _known(self) -> set[str]:
         with self._lock:
-            known = set(self._runners)
+            return set(self._runners)
+
+    def _engine_gone(self, record: TaskRecord) -> None:
+        """A journaled task on an engine no longer configured: it fails with that reason (its
+        container there, if any, is not ours to follow any more)."""
+        if record.stage >= Stage.EXITED:  # its result is known: it is only reported
+            return
+        log.error("task %s: its engine %r is no longer configured", record.task_id, record.engine,
+                  extra={"task_id": record.task_id})
+        record.error = (f"the task ran on container engine {record.engine!r}, which is no longer configured "
+                        "([[executor.engines]]): its container could not be followed")
+        record.container_id, record.stage = None, Stage.EXITED
         try:
-            for found in self.executor.managed(self.owner):  # ours only: every label checked
+            self.journal.save(record)
+        except AgentError as e:
+            log.error("task %s: %s", record.task_id, e, extra={"task_id": record.task_id})
+
+    def _sweep_engine(self, engine: Engine) -> None:
+        """Remove the containers of `engine` that belong to no task of this agent's."""
+        try:
+            listed = engine.backend.managed(self.owner)  # ours only: every label checked
+            known = self._known()  # after the listing: a task's runner exists before its container
+            for found in listed:
                 if found.task_id not in known:
-                    log.warning("removing leftover container %s of task %s", found.name, found.task_id,
+                    log.warning("removing leftover container %s of task %s%s", found.name, found.task_id,
+                                f" on engine {engine.name!r}" if self.pool.several else "",
                                 extra={"task_id": found.task_id})
-                    self.executor.remove(found.id)
+                    engine.backend.remove(found.id)
         except AgentError as e:  # leftovers must never stop the agent; the next start tries again
-            log.error("cannot sweep leftover containers: %s", e)
-        self._sweep_folders(known)
+            log.error("cannot sweep leftover containers%s: %s", self.pool.label(engine), e)
 
     def _sweep_folders(self, known: set[str]) -> None:
         """Task folders nobody owns any more, unless finished ones are kept for debugging."""

@@ -6,6 +6,8 @@
     backend.fail("create", ImageMissing("gone"), times=3)
     gate = backend.block("wait")                     # the next wait() blocks ...
     gate.reached.wait(5); gate.release(DockerUnavailable("crash"))   # ... then raises (or goes on)
+    backend.go_down(); backend.come_back()           # an engine away: every call (a blocked wait too)
+                                                     # raises DockerUnavailable; its containers live on
 
 A container is a record (id, name, labels from the spec, status created/running/exited).
 `start` "runs" it: the script's outputs are written into the task's workspace (the spec's first
@@ -95,7 +97,10 @@ class Gate:
 class FakeBackend:
     where = "fake://engine"
 
-    def __init__(self) -> None:
+    def __init__(self, where: str | None = None) -> None:
+        if where is not None:
+            self.where = where
+        self.down = False  # the engine does not answer
         self._cond = threading.Condition()
         self.containers: dict[str, Container] = {}  # by id; removed ones are gone
         self.calls: list[tuple[str, object]] = []
@@ -145,6 +150,19 @@ class FakeBackend:
         for gate in gates:
             gate.release(DockerUnavailable("the fake backend was closed"))
 
+    def go_down(self) -> None:
+        with self._cond:
+            self.down = True
+            self._cond.notify_all()  # a blocked wait loses its connection
+
+    def come_back(self) -> None:
+        with self._cond:
+            self.down = False
+
+    def running(self) -> list[Container]:
+        with self._cond:
+            return [c for c in self.containers.values() if c.status == "running"]
+
     def count(self, method: str) -> int:
         with self._cond:
             return sum(1 for name, _ in self.calls if name == method)
@@ -159,6 +177,8 @@ class FakeBackend:
         """Record the call and apply the first fault queued for it (outside the lock)."""
         with self._cond:
             self.calls.append((method, arg))
+            if self.down:
+                raise DockerUnavailable(f"engine not reachable at {self.where}: it is down")
             queue = self._faults.get(method) or []
             fault = queue[0] if queue else None
             if isinstance(fault, Gate) and fault.after:
@@ -286,6 +306,8 @@ class FakeBackend:
                 if c.exit is not None:
                     return c.exit
                 self._cond.wait()
+                if self.down:
+                    raise DockerUnavailable(f"engine not reachable at {self.where}: lost while waiting")
 
     def stop(self, container_id: str, grace: float = 10) -> None:
         self._call("stop", container_id)

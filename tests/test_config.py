@@ -362,8 +362,8 @@ def test_engine_url_takes_the_engines_address_forms(tmp_path, url):
     assert config.load(write(tmp_path, f'[executor]\nengine_url = "{url}"\n')).executor.engine_url == url
 
 
-def test_every_key_is_declared_with_its_default_but_the_two_tables():
-    assert set(config.KNOWN_KEYS) - set(config.KNOBS) == {"executor.gpu", "paths.mounts"}
+def test_every_key_is_declared_with_its_default_but_the_tables():
+    assert set(config.KNOWN_KEYS) - set(config.KNOBS) == {"executor.gpu", "executor.engines", "paths.mounts"}
     defaults = config.Config(Path("config.toml"))
     for dotted, knob in config.KNOBS.items():
         *tables, key = dotted.split(".")

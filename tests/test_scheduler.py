@@ -58,26 +58,35 @@ class Agent:
         return [c.status for c in self.backend.of_task(task_id)] == ["running"]
 
 
+def scheduler_on(cfg, executor) -> Scheduler:
+    """A Scheduler with a client of its own on `executor` (a backend, or an engine pool)."""
+    lifecycle = Lifecycle()
+    return Scheduler(cfg, Client.from_config(cfg, lifecycle=lifecycle), executor, lifecycle=lifecycle)
+
+
+def stop_all(agents: list[Agent], backends_of) -> None:
+    """Teardown: exit at once, end every held call of the agent's backends, close its client."""
+    for agent in agents:
+        agent.scheduler.lifecycle.exit_now()
+        for backend in backends_of(agent):
+            backend.close()
+        agent.thread.join(10)
+        agent.scheduler.client.close()
+
+
 @pytest.fixture
 def make_agent_node(tmp_path, dev_server, dev_client):
     """make_agent_node(**config changes) -> Agent (not started); stopped in teardown."""
-    made: list[tuple[Agent, Client]] = []
+    made: list[Agent] = []
 
     def make(**settings) -> Agent:
         cfg = agent_config(tmp_path, dev_server, dev_client, **{**FAST, **settings})
-        lifecycle = Lifecycle()
-        client = Client.from_config(cfg, lifecycle=lifecycle)
         backend = FakeBackend()
-        agent = Agent(Scheduler(cfg, client, backend, lifecycle=lifecycle), backend, dev_server)
-        made.append((agent, client))
-        return agent
+        made.append(Agent(scheduler_on(cfg, backend), backend, dev_server))
+        return made[-1]
 
     yield make
-    for agent, client in made:
-        agent.scheduler.lifecycle.exit_now()
-        agent.backend.close()
-        agent.thread.join(10)
-        client.close()
+    stop_all(made, lambda agent: [agent.backend])
 
 
 def submit_held(agent: Agent, dev_client, prompt: str = "p") -> str:

@@ -8,9 +8,15 @@ engine; they never name an implementation.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from urllib.parse import urlsplit
 
-from agent_core.config import Config
+from docker.errors import TLSParameterError
+from docker.tls import TLSConfig  # not `import docker`: the submodule .docker takes that name here
+
+from agent_core.config import Config, EngineConfig
+from agent_core.errors import ConfigError
 from agent_core.executor.backend import Backend, EngineInfo, Exit, Found, SavedLogs, State
 from agent_core.executor.docker import DockerBackend, create_kwargs
 from agent_core.executor.engine import Address, engine_address, engine_mismatch
@@ -61,10 +67,24 @@ __all__ = [
 ]
 
 
-def open_backend(cfg: Config, pool_size: int) -> Backend:
-    """The engine backend for `cfg` (executor.engine at executor.engine_url, or that engine's usual
+def open_backend(cfg: Config, pool_size: int, engine: EngineConfig | None = None) -> Backend:
+    """The engine backend for `engine` (default: the config's first, which without
+    [[executor.engines]] is executor.engine at executor.engine_url, or that engine's usual
     address: see `engine`); `pool_size` engine connections (each blocked `wait` holds one).
     Connects on first use."""
-    address = engine_address(cfg.executor.engine, cfg.executor.engine_url, os.environ, os.geteuid())
-    return DockerBackend(address=address, pool_size=pool_size)
-
+    engine = engine or cfg.executor.engine_list[0]
+    address = engine_address(engine.engine, engine.url, os.environ, os.geteuid())
+    if urlsplit(address.url).scheme == "ssh" and importlib.util.find_spec("paramiko") is None:
+        # docker-py speaks ssh:// through paramiko, which agent-core does not depend on
+        raise ConfigError(f"{cfg.path}: engine {engine.name!r} at {address.url.split('@')[-1]}: an ssh:// engine "
+                          "needs the paramiko package (`pip install paramiko` beside agent-core), or reach it "
+                          "over tcp:// with TLS")
+    tls = None
+    if engine.tls:
+        try:
+            tls = TLSConfig(ca_cert=str(engine.tls_ca) if engine.tls_ca else None, verify=True,
+                            client_cert=(str(engine.tls_cert), str(engine.tls_key))
+                            if engine.tls_cert and engine.tls_key else None)
+        except TLSParameterError as e:  # a file that is not there
+            raise ConfigError(f"{cfg.path}: engine {engine.name!r}: {e}") from None
+    return DockerBackend(address=address, pool_size=pool_size, tls=tls)

@@ -29,8 +29,11 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import docker
 import docker.errors
+import docker.tls
 import requests
 import urllib3.exceptions
+from docker.constants import DEFAULT_TIMEOUT_SECONDS
+from docker.constants import MINIMUM_DOCKER_API_VERSION as MIN_API_VERSION
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
@@ -280,8 +283,9 @@ class DockerBackend:
     """
 
     def __init__(self, client: docker.DockerClient | None = None, *, address: Address | None = None,
-                 pool_size: int = 10, wait_poll_secs: float = 60.0):
+                 pool_size: int = 10, wait_poll_secs: float = 60.0, tls: docker.tls.TLSConfig | None = None):
         self._client = client
+        self._tls = tls  # a tcp:// engine's client certificate and CA
         self._own_client = client is None
         self._address = address or engine_address(DOCKER, "", os.environ, os.geteuid())
         self._pool_size = pool_size
@@ -305,7 +309,23 @@ class DockerBackend:
     def _connect(self) -> docker.DockerClient:
         if self._address.from_env:  # DOCKER_HOST keeps the TLS settings the docker CLI reads with it
             return docker.DockerClient.from_env(max_pool_size=self._pool_size)
+        if self._tls is not None:
+            return self._connect_tls()
         return docker.DockerClient(base_url=self._address.url, max_pool_size=self._pool_size)
+
+    def _connect_tls(self) -> docker.DockerClient:
+        """A client that checks the engine against our CA alone. requests lets REQUESTS_CA_BUNDLE
+        replace a session's CA (psf/requests#3829), so the environment is off for these sessions; and
+        the API version is asked first with one of them, as docker-py's own "auto" would ask with the
+        environment on."""
+        url = self._address.url
+        with contextlib.closing(docker.APIClient(base_url=url, tls=self._tls, version=MIN_API_VERSION,
+                                                 timeout=DEFAULT_TIMEOUT_SECONDS)) as probe:
+            probe.trust_env = False
+            version = probe.version(api_version=False)["ApiVersion"]
+        client = docker.DockerClient(base_url=url, tls=self._tls, version=version, max_pool_size=self._pool_size)
+        client.api.trust_env = False
+        return client
 
     def _do(self, action: str, **kw: Any) -> contextlib.AbstractContextManager[None]:
         return _translate(action, self.where, engine=self._address.title, **kw)
