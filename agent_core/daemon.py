@@ -27,7 +27,7 @@ def check_engines(cfg: Config, pool: EnginePool) -> None:
     away = []
     for engine in pool.engines:
         named = f"engine {engine.name!r}: " if pool.several else ""
-        problem = preflight.check(cfg, engine.backend)
+        problem = preflight.check(cfg, engine.backend, engine.workspace)
         if problem is not None and pool.several and problem.kind == "engine":
             log.warning("%s%s (it takes tasks once it answers)", named, problem.line())
             away.append(f"{named}{problem.line()}")

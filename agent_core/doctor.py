@@ -5,7 +5,8 @@ no image check). Essential checks decide the exit code; `warn` never does. The c
 check sends one real heartbeat (`online`, load 0) only when no daemon runs for this data dir:
 a running daemon's beat would be overwritten, so its last heartbeat is reported instead. The
 task network check sends nothing: it reads the engine's network, the host's routes and its
-listening sockets (netreach). The api_key is masked in every line, whatever a server echoes.
+listening sockets (netreach). A bind engine gets a workspace line: does it see the data dir at
+the same path (preflight.bind_problem)? The api_key is masked in every line, whatever a server echoes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Iterator
 import httpx
 
 from agent_core import config as configmod
-from agent_core import logs, netreach, preflight, process
+from agent_core import fsutil, logs, netreach, preflight, process
+from agent_core.archive import BIND
 from agent_core.client import Client
 from agent_core.errors import AgentError, AuthRejected, ExecutorError
 from agent_core.executor import Backend, engine_mismatch, gpu_verdict, open_backend
@@ -48,9 +50,7 @@ class Check:
 
 def _data_dir(cfg: configmod.Config) -> Check:
     path = cfg.paths.data_dir
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = fsutil.nearest_existing(path)
     if not existing.is_dir():
         return Check("data_dir", FAIL, f"data dir {path} is not a folder ({existing} is a file): "
                                        "fix paths.data_dir")
@@ -87,6 +87,14 @@ def _executor(cfg: configmod.Config, executor: Backend) -> Check:
         return Check("executor", OK, f"a task can start (network {cfg.executor.network_mode}, "
                                      f"user {cfg.executor.user or 'of the image'})")
     return Check("executor", FAIL, problem.line())
+
+
+def _workspace(cfg: configmod.Config, executor: Backend) -> Check:
+    problem = preflight.bind_problem(cfg, executor)
+    if problem is None:
+        return Check("workspace", OK, f"the engine sees the data dir {cfg.paths.data_dir} at the same path "
+                                      "(bind workspaces)")
+    return Check("workspace", FAIL, problem.line())
 
 
 def _image(cfg: configmod.Config, executor: Backend) -> Check:
@@ -255,6 +263,9 @@ def _checks_of_engine(cfg: configmod.Config, engine: configmod.EngineConfig) -> 
         yield image
         if image.status == OK:
             yield _executor(cfg, executor)
+        if engine.workspace == BIND:  # the probe is a container of the image
+            yield _workspace(cfg, executor) if image.status == OK else \
+                Check("workspace", SKIP, "bind workspaces not checked: no executor image")
         if cfg.executor.gpu is not None:
             yield _gpu(cfg, executor)
         yield _task_network(cfg, executor)

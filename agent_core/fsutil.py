@@ -38,3 +38,10 @@ def write_atomic(path: Path, text: str, mode: int = 0o600, *, durable: bool = Tr
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where a data dir not made yet will be)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

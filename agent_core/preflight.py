@@ -6,15 +6,26 @@ queue would be accepted and failed within milliseconds. So each cause is found u
 in one line with its fix (in the configured engine's words), and the same classification tells
 a launch failure's kind apart. `engine_warning` says when another engine than the configured one
 answers: a warning, not a refusal, as tasks would still run.
+
+A bind engine (`workspace = "bind"`) must see the data dir at the same path, or task workspaces
+come up empty: not so when agent-core runs in a container without the data dir mounted at its
+own path, or against another host's engine. `bind_problem` asks the engine for a probe file
+through a container that is created and never started: no command runs in the image.
 """
 
 from __future__ import annotations
 
 import io
+import secrets
+import shutil
 import tarfile
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent_core import fsutil
+from agent_core.archive import BIND
 from agent_core.errors import AgentError, DockerUnavailable, ExecutorError, ImageMissing
 from agent_core.executor.engine import PODMAN, engine_mismatch
 
@@ -26,11 +37,12 @@ if TYPE_CHECKING:
 _BUILTIN_NETWORKS = ("none", "host", "default")
 _MAX_ACCOUNT_FILE = 1024 * 1024
 _PASSWD, _GROUP = "/etc/passwd", "/etc/group"
+_PROBE_NAME, _MAX_PROBE_ARCHIVE = "probe", 64 * 1024
 
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # "engine", "image", "network", "user"
+    kind: str  # "engine", "image", "network", "user", "workspace"
     message: str
     fix: str
 
@@ -103,8 +115,53 @@ def _text(archive: bytes | None) -> str | None:
         return f.read().decode("utf-8", "replace") if f else None
 
 
-def check(cfg: Config, executor: Backend) -> Problem | None:
-    """The first reason no task could start with this config on this engine, or None."""
+def _not_seen(data_dir: Path, what: str) -> Problem:
+    return Problem("workspace", f"the engine {what} the data dir {data_dir} at that path, so bind workspaces "
+                                "would come up empty in the task's container",
+                   f"mount the data dir at the same path: -v {data_dir}:{data_dir}, or set workspace = \"copy\"")
+
+
+def _unchecked(e: Exception, engine: str) -> Problem:
+    """The engine failed while being asked (not what was asked about)."""
+    if isinstance(e, DockerUnavailable):
+        return Problem("engine", str(e), _start_engine(engine))
+    return Problem("engine", f"cannot check the executor: {e}", "see the engine's log")
+
+
+def bind_problem(cfg: Config, executor: Backend) -> Problem | None:
+    """Does the engine see the data dir at its path here? A random probe file, written in a private
+    folder of the data dir (of its nearest parent before the first run makes it), must come back
+    through the engine's bind mount of that folder. An image the engine lacks is `check`'s to
+    report: this only judges the path."""
+    data_dir = cfg.paths.data_dir
+    root = fsutil.nearest_existing(data_dir)
+    token = secrets.token_hex(16)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".bind-probe-", dir=root))  # 0700: ours alone
+    except OSError as e:
+        return Problem("workspace", f"cannot write a probe file in the data dir {data_dir}: {e.strerror or e}",
+                       "fix its owner or mode, or paths.data_dir")
+    try:
+        (folder / _PROBE_NAME).write_text(token)
+        # the data dir is mounted, not the probe's folder: another folder there is told apart from none
+        seen = _text(executor.bound_file(cfg.executor.image, root, f"{folder.name}/{_PROBE_NAME}",
+                                         _MAX_PROBE_ARCHIVE))
+    except ImageMissing:
+        return None
+    except (DockerUnavailable, tarfile.TarError) as e:
+        return _unchecked(e, cfg.executor.engine)
+    except ExecutorError as e:  # the engine has no such folder
+        problem = _not_seen(data_dir, "cannot bind-mount")
+        return replace(problem, message=f"{problem.message} ({e})")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return None if seen == token else _not_seen(data_dir, "sees another folder than")
+
+
+def check(cfg: Config, executor: Backend, workspace: str | None = None) -> Problem | None:
+    """The first reason no task could start with this config on this engine, or None. With the
+    engine's `workspace` mode "bind", whether it sees the data dir is checked too (`run` at start;
+    the breaker's rechecks leave it out: a launch failure is never that)."""
     ex = cfg.executor
     try:
         executor.ping()
@@ -118,12 +175,12 @@ def check(cfg: Config, executor: Backend) -> Problem | None:
             return _network(mode, ex.engine)
         if ex.user and not all(part.isdigit() for part in ex.user.split(":") if part):
             files = executor.image_files(ex.image, (_PASSWD, _GROUP), _MAX_ACCOUNT_FILE)
-            return user_problem(ex.user, ex.image, _text(files[_PASSWD]), _text(files[_GROUP]))
-    except DockerUnavailable as e:
-        return Problem("engine", str(e), _start_engine(ex.engine))
+            problem = user_problem(ex.user, ex.image, _text(files[_PASSWD]), _text(files[_GROUP]))
+            if problem is not None:
+                return problem
     except (ExecutorError, tarfile.TarError) as e:
-        return Problem("engine", f"cannot check the executor: {e}", "see the engine's log")
-    return None
+        return _unchecked(e, ex.engine)
+    return bind_problem(cfg, executor) if workspace == BIND else None
 
 
 def engine_warning(cfg: Config, executor: Backend) -> str | None:

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, Iterator
 
 from agent_core.config import LimitsConfig
 from agent_core.errors import DiskFull, UnsafePath, WorkspaceError
+from agent_core import fsutil
 from agent_core.fsutil import write_atomic
 from agent_core.protocol import Task
 
@@ -660,9 +661,7 @@ def remove_workspace(root: Path) -> None:
 
 def free_disk_mb(path: Path | str) -> int:
     """Free MiB on the filesystem holding `path` (or its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
+    path = fsutil.nearest_existing(Path(path).absolute())
     try:
         return shutil.disk_usage(path).free // (1024 * 1024)
     except OSError as e:

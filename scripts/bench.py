@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """agent-core benchmarks: the daemon against a bare docker-py loop on the same engine, side by side in one run.
 
-    python scripts/bench.py                    # everything, Docker and Podman, ~10 min; rewrites docs/benchmarks.md
+    python scripts/bench.py                    # everything, Docker and Podman, ~11 min; rewrites docs/benchmarks.md
     python scripts/bench.py --quick            # tiny sizes, Docker only, ~1-2 min; prints the table only
     python scripts/bench.py --quick --out F    # ... and writes F (the page) and F's .json (the figures)
     python scripts/bench.py --podman URL       # Podman's service already runs at URL (unix://...)
@@ -12,7 +12,8 @@ and so is the agent's client-side budget (the figures are engine overhead, not p
 `scripts/podman_env.sh` starts `podman system service` with the test images loaded. Each
 agent is configured with `agent_core.config`, registered through the CLI and run as a real
 `python -m agent_core run` subprocess, with the `custom` executor running `/bin/sh -c ...`
-in agent-core-test/busybox:latest, network "none".
+in agent-core-test/busybox:latest, network "none". The multi-engine drain also starts a
+private dockerd of its own (tests/private_engine.py; root only) as the second engine.
 
 The machine is shared and noisy, so every figure that has a target is a ratio against a
 baseline measured in the same run: bare docker-py calls on the same engine with the very
@@ -59,6 +60,7 @@ import bench_report  # noqa: E402
 from agent_core import config as configmod  # noqa: E402
 from agent_core.devclient import DevClient  # noqa: E402
 from agent_core.devserver import Call, DevServer  # noqa: E402
+from agent_core.config import WORKSPACE_MODES  # noqa: E402
 from agent_core.executor import LABEL_MANAGED, LABEL_SERVICE, LABEL_TASK, Owner, build_spec, create_kwargs  # noqa: E402
 from agent_core.executor.docker import engine_info_of  # noqa: E402
 from agent_core.fsutil import write_atomic  # noqa: E402
@@ -92,13 +94,19 @@ class Params:
     transfer_bytes: int
     transfer_repeats: int
     idle_secs: float
+    copy_tasks: int  # per workspace mode
+    copy_rounds: int
+    multi_tasks: int
+    multi_capacity: int  # per engine
     poll_interval_secs: float = 5.0
 
 
-FULL = Params(overhead_tasks=30, overhead_rounds=6, drain_tasks=60, drain_capacity=4, scaling_tasks=12,
-              capacities=(1, 2, 4, 8), scaling_repeats=2, transfer_bytes=512 * MIB, transfer_repeats=3, idle_secs=60)
+FULL = Params(overhead_tasks=24, overhead_rounds=6, drain_tasks=40, drain_capacity=4, scaling_tasks=12,
+              capacities=(1, 2, 4, 8), scaling_repeats=2, transfer_bytes=512 * MIB, transfer_repeats=3, idle_secs=60,
+              copy_tasks=24, copy_rounds=6, multi_tasks=100, multi_capacity=2)
 QUICK = Params(overhead_tasks=3, overhead_rounds=1, drain_tasks=8, drain_capacity=4, scaling_tasks=4,
-               capacities=(1, 2), scaling_repeats=1, transfer_bytes=64 * MIB, transfer_repeats=1, idle_secs=5)
+               capacities=(1, 2), scaling_repeats=1, transfer_bytes=64 * MIB, transfer_repeats=1, idle_secs=5,
+               copy_tasks=2, copy_rounds=1, multi_tasks=8, multi_capacity=2)
 
 
 def metric_keys(p: Params) -> list[str]:
@@ -358,6 +366,13 @@ def first(calls: list[Call], suffix: str, status: int = 200) -> dict[str, float]
     return seen
 
 
+def task_times(b: Bench, agent: Agent, ids: list[str], what: str) -> list[float]:
+    """Accept → complete acknowledged of each task not disturbed from outside, from the server's call log."""
+    calls = agent.calls()
+    accepted, completed = first(calls, "/accept"), first(calls, "/complete")
+    return samples([completed[t] - accepted[t] for t in ids if t not in b.disturbed], what)
+
+
 class BareLoop:
     """The daemon's container, run directly with docker-py on the agent's engine: create, start, wait, remove."""
 
@@ -455,6 +470,16 @@ class EventRecorder:
 
     def of(self, task_id: str) -> dict[str, float]:
         return dict(self.marks.get(task_id, {}))
+
+    def on_engine(self, task_ids: list[str]) -> dict[str, int]:
+        """How many of the tasks ran on this engine, and the most of them running at once (start → die)."""
+        spans = [(m["start"], m["die"]) for t in task_ids if "start" in (m := self.marks.get(t, {})) and "die" in m]
+        edges = sorted([(a, 1) for a, _ in spans] + [(z, -1) for _, z in spans])  # a die before a start at a tie
+        running = peak = 0
+        for _, step in edges:
+            running += step
+            peak = max(peak, running)
+        return {"tasks": len(spans), "peak_running": peak}
 
 
 # The marks that bound each stage of bench_report.STAGES, through the daemon and in the bare loop.
@@ -648,7 +673,7 @@ class OverheadSide:
                         for t in ids]
         bare_marks = [{**self.events.of(t), "begin": began, "end": began + took} for t, began, took in self.runs]
         return {
-            "daemon": samples([completed[t] - accepted[t] for t in ids], f"{engine} daemon tasks"),
+            "daemon": task_times(b, self.agent, ids, f"{engine} daemon tasks"),
             "bare": samples([took for _, _, took in self.runs], f"{engine} bare runs"),
             "cpu_per_task_secs": (self.cpu - rounds * startup) / max(1, len(ids)),
             "startup_cpu_secs": startup,
@@ -899,11 +924,93 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+# --- 7. copy mode against bind mode ------------------------------------------------------------
+
+
+def bench_copy(b: Bench) -> dict[str, Any]:
+    """The same trivial task with /workspace bind-mounted and copied through the engine's API
+    (put_archive before start, get_archive after exit), in alternating rounds on Docker."""
+    p = b.params
+    rounds = max(1, min(p.copy_rounds, p.copy_tasks))
+    per_round = p.copy_tasks // rounds
+    log(f"7. workspace modes: {per_round * rounds} `true` tasks at capacity 1 per mode ({', '.join(WORKSPACE_MODES)}) "
+        f"on Docker, in {rounds} alternating round(s)")
+    agents = {mode: b.agent(f"ws-{mode}", "true", **{"executor.capacity": 1, "executor.workspace": mode})
+              for mode in WORKSPACE_MODES}
+    ids: dict[str, list[str]] = {mode: [] for mode in WORKSPACE_MODES}
+    for n in range(rounds):
+        for mode in WORKSPACE_MODES if n % 2 == 0 else WORKSPACE_MODES[::-1]:
+            batch = agents[mode].submit(per_round)
+            b.run_burst(agents[mode], batch, timeout=60 + 10 * per_round)
+            ids[mode] += batch
+    figures = {mode: task_times(b, agents[mode], ids[mode], f"{mode} mode tasks") for mode in WORKSPACE_MODES}
+    log("   " + ", ".join(f"{mode} {median(v):.3f} s" for mode, v in figures.items()) + " a task")
+    return figures
+
+
+# --- 8. one service over two engines -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_engine(b: Bench):
+    """A second dockerd on this machine (its own socket, data root and bridge), with the test image."""
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        raise BenchError("the second engine is a private dockerd: it needs root and dockerd on PATH")
+    from tests.private_engine import PrivateEngine, PrivateEngineError  # here: it brings pytest and the test fixtures
+
+    # a short root under /tmp: its exec root holds unix sockets (108 bytes at most)
+    engine = PrivateEngine(Path(tempfile.mkdtemp(prefix="pe-bench-", dir="/tmp")))
+    client: docker.DockerClient | None = None
+    try:
+        engine.start()
+        engine.load_image(b.docker.client, IMAGE)
+        client = docker.DockerClient(base_url=engine.url, max_pool_size=32)
+        yield Engine("docker", engine.url, client)
+    except (PrivateEngineError, docker.errors.DockerException) as e:
+        raise BenchError(f"the private dockerd: {e}") from None
+    finally:
+        if client is not None:
+            client.close()
+        for problem in engine.close():
+            log(f"private dockerd teardown: {problem}")
+
+
+def bench_multi(b: Bench) -> dict[str, Any]:
+    """A drain of `multi_tasks` over one engine at capacity C, over two engines at C + C (the system
+    engine and a private dockerd on the same machine), and over one engine at 2C: the same slots."""
+    p = b.params
+    cap = p.multi_capacity
+    log(f"8. multi-engine drain: {p.multi_tasks} `true` tasks on one engine at capacity {cap}, two at {cap} + {cap}, "
+        f"one at {2 * cap}")
+    with private_engine(b) as second:
+        facts = second.facts()
+        layouts = {"one": [("system", b.docker, cap)], "two": [("system", b.docker, cap), ("private", second, cap)],
+                   "one_same_slots": [("system", b.docker, 2 * cap)]}
+        out: dict[str, Any] = {}
+        for key, engines in layouts.items():
+            agent = b.agent(f"multi-{key}", "true", **{"executor.engines": [
+                {"name": name, "url": e.url, "capacity": c, "workspace": "bind"} for name, e, c in engines]})
+            recorders = [EventRecorder(e.client, {agent.service_id}) for _, e, _ in engines]
+            with contextlib.ExitStack() as stack:
+                for rec in recorders:
+                    stack.enter_context(rec)
+                ids = agent.submit(p.multi_tasks)
+                since = time.monotonic()
+                b.run_burst(agent, ids, timeout=120 + 5 * p.multi_tasks)
+            took = makespan(agent, ids, since)
+            out[key] = {"makespan": took, "engines": [
+                {"name": name, "capacity": c, **rec.on_engine(ids)} for (name, _, c), rec in zip(engines, recorders)]}
+            log(f"   {key}: {took:.1f} s, " + ", ".join(f"{e['name']} ran {e['tasks']} (at most {e['peak_running']} at "
+                                                       "once)" for e in out[key]["engines"]))
+    return {"tasks": p.multi_tasks, "capacity": cap, "workspace": "bind", "second_engine": facts, **out}
+
+
 # --- the figures and the report --------------------------------------------------------------
 
 
 SECTIONS: dict[str, Callable[[Bench], Any]] = {
-    "overhead": bench_overhead, "drain": bench_drain, "scaling": bench_scaling, "resident": bench_resident}
+    "overhead": bench_overhead, "drain": bench_drain, "scaling": bench_scaling, "resident": bench_resident,
+    "copy": bench_copy, "multi": bench_multi}
 
 
 def run_section(b: Bench, name: str, attempts: int = 2) -> None:

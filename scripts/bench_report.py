@@ -37,6 +37,10 @@ DAEMON_WORK = {"pre": "before the container exists (the accept reply, journal re
                "remove": "between exit and removal (the exit record, the log reads)",
                "post": "after removal (the output scan, the last journal record, `complete`)"}
 
+# The multi-engine drain's layouts: key in the figures -> what the row says (the sizes come from the figures).
+LAYOUTS = {"one": "one engine (the system Docker)", "two": "two engines (the system Docker + a private dockerd)",
+           "one_same_slots": "one engine (the system Docker), as many slots as the two,"}
+
 Figures = dict[str, Any]
 
 
@@ -103,7 +107,8 @@ class Row:
 def metric_keys(capacities: Sequence[int]) -> list[str]:
     """Every row a complete run has (an engine that was not measured still has its rows)."""
     keys = [f"overhead.{e}.{k}" for e in ENGINES for k in ("daemon", "bare", "ratio")]
-    keys += ["overhead.podman_vs_docker", "drain.makespan", "drain.bare_parallel", "drain.ratio"]
+    keys += ["overhead.podman_vs_docker", "copy.bind", "copy.copy", "copy.ratio", "drain.makespan",
+             "drain.bare_parallel", "drain.ratio", *(f"multi.{k}" for k in LAYOUTS), "multi.ratio"]
     keys += [f"scaling.c{c}" for c in capacities]
     keys += ["memory.idle_rss", "idle.cpu", "memory.upload_growth", "transfer.daemon_upload",
              "transfer.plain_upload", "transfer.ratio", "memory.download_growth"]
@@ -142,6 +147,15 @@ def rows(r: Figures) -> list[Row]:
                            f"through the daemon {times(med(p['daemon']) / med(d['daemon']))}"))
         else:
             out.append(Row("overhead.podman_vs_docker", "Podman / Docker (medians)", "not measured"))
+    if c := r.get("copy"):
+        copy, bind = med(c["copy"]), med(c["bind"])
+        out += [
+            Row("copy.bind", "Docker, `workspace = \"bind\"`: per task through the daemon, accept → complete "
+                "acknowledged", spread(c["bind"])),
+            Row("copy.copy", "Docker, `workspace = \"copy\"` (`put_archive` before start, `get_archive` after "
+                "exit): the same", spread(c["copy"])),
+            Row("copy.ratio", "copy / bind (medians)", f"{times(copy / bind)} ({signed_ms(copy - bind)})"),
+        ]
     if d := r.get("drain"):
         ideal = d["tasks"] / d["capacity"] * d["bare_per_task"]
         ratio = d["makespan"] / ideal
@@ -155,6 +169,8 @@ def rows(r: Figures) -> list[Row]:
                 f"{d['makespan'] / d['bare_parallel']:.2f})", f"≤ {t['drain_ratio_max']:g}",
                 ratio <= t["drain_ratio_max"]),
         ]
+    if m := r.get("multi"):
+        out += multi_rows(m)
     if s := r.get("scaling"):
         base, bare_base = med(s[0]["daemon"]), med(s[0]["bare"])
         for c in s:
@@ -188,6 +204,34 @@ def rows(r: Figures) -> list[Row]:
                 spread(m["download_growth"], "MiB", MIB), f"≤ {mib(growth_max)}",
                 med(m["download_growth"]) <= growth_max),
         ]
+    return out
+
+
+def slots(layout: Figures) -> str:
+    return " + ".join(str(e["capacity"]) for e in layout["engines"])
+
+
+def per_engine(layout: Figures) -> str:
+    return ", ".join(f"{e['name']} ran {e['tasks']} (at most {e['peak_running']} at once, capacity {e['capacity']})"
+                     for e in layout["engines"])
+
+
+def multi_rows(m: Figures) -> list[Row]:
+    n, out = m["tasks"], []
+    for key, what in LAYOUTS.items():
+        layout = m[key]
+        value = f"{secs(layout['makespan'])} ({num(n / layout['makespan'])} tasks/s)"
+        target, ok = "", None
+        if len(layout["engines"]) > 1:  # the dispatch itself: every engine used, none over its capacity
+            value += f"; {per_engine(layout)}"
+            target = "each engine used, none over its capacity"
+            ok = all(e["tasks"] > 0 and e["peak_running"] <= e["capacity"] for e in layout["engines"])
+        out.append(Row(f"multi.{key}", f"{n} tasks over {what} at capacity {slots(layout)}: first poll → last "
+                       "complete", value, target, ok))
+    one, two, same = (m[k]["makespan"] for k in ("one", "two", "one_same_slots"))
+    out.append(Row("multi.ratio", "two engines against one (makespans, one / two)",
+                   f"{times(one / two)} against capacity {slots(m['one'])}; {times(same / two)} against capacity "
+                   f"{slots(m['one_same_slots'])}"))
     return out
 
 
@@ -267,6 +311,7 @@ def how(r: Figures) -> str:
         "- Upload throughput, the same measure for both sides, is file size / (the upload's arrival in the call "
         "log → the mtime of the file the server stored, i.e. its last byte). The baseline POSTs the same file in "
         "one streaming httpx multipart request to the same endpoint, with the same credentials.",
+        *how_more(r),
         "- Idle cost is the daemon's user + system CPU time (psutil `cpu_times`) over the idle window, after "
         "start-up settled.",
         "- Other test sessions on the same engine may remove a daemon's container while its task runs; such tasks "
@@ -276,6 +321,31 @@ def how(r: Figures) -> str:
         "load average every second of the run, on the file system that holds the agents' data; see the host note "
         "under the results.",
     ])
+
+
+def how_more(r: Figures) -> list[str]:
+    """The bullets of the workspace-mode and multi-engine measurements, when they ran."""
+    p, out = r["params"], []
+    if "copy" in r:
+        rounds = max(1, min(p["copy_rounds"], p["copy_tasks"]))
+        out.append(
+            "- Workspace modes: two agents on Docker at capacity one, one with `[executor] workspace = \"bind\"` "
+            "(the task's workspace bind-mounted at `/workspace`), one with `\"copy\"` (`task.json` and `input/` put "
+            "into the container with `put_archive` before it starts, `/workspace` read back with `get_archive` after "
+            f"it exits), take turns with rounds of {p['copy_tasks'] // rounds} `true` tasks ({rounds} round(s) each, "
+            "the order swapped every round). Per-task times as for the overhead: accept → complete acknowledged.")
+    if m := r.get("multi"):
+        out.append(
+            "- Two engines: the second is a private `dockerd` the benchmark starts on this same machine "
+            "(`tests/private_engine.py`: its own socket, data root and bridge; "
+            f"{engine_line(m['second_engine'])}), with the busybox image copied over. Three agents, each "
+            "configured with `[[executor.engines]]` tables "
+            f"(`workspace = \"{m['workspace']}\"`: the data dir is on this host), drain {m['tasks']} queued `true` "
+            "tasks, one agent after the other: "
+            + "; ".join(f"{LAYOUTS[k]} at capacity {slots(m[k])}" for k in LAYOUTS)
+            + ". Makespans as for the drain; which engine ran a task, and how many ran at once on it, come from each "
+            "engine's event log (start → die).")
+    return out
 
 
 def table(out: list[Row]) -> str:
@@ -355,8 +425,8 @@ def profile_section(r: Figures) -> str | None:
 
 
 def analysis(r: Figures) -> list[str | None]:
-    return [overhead_analysis(r), engines_analysis(r), host_analysis(r), drain_analysis(r), scaling_analysis(r),
-            resident_analysis(r)]
+    return [overhead_analysis(r), engines_analysis(r), host_analysis(r), copy_analysis(r), drain_analysis(r),
+            multi_analysis(r), scaling_analysis(r), resident_analysis(r)]
 
 
 def overhead_analysis(r: Figures) -> str | None:
@@ -446,6 +516,46 @@ def drain_analysis(r: Figures) -> str | None:
             f"({n} × {secs(bare)} = {secs(serial)}), on {r['machine']['cpu_cores']} cores. Against that "
             f"same-parallelism baseline the daemon's makespan is {times(d['makespan'] / d['bare_parallel'])}. One "
             f"task per poll interval would take {secs(n * r['params']['poll_interval_secs'])}.")
+
+
+def copy_analysis(r: Figures) -> str | None:
+    c = r.get("copy")
+    if not c:
+        return None
+    copy, bind = med(c["copy"]), med(c["bind"])
+    text = (f"**Copy mode.** On Docker a trivial task took {ms(copy)} with its workspace copied through the "
+            f"engine's API and {ms(bind)} with it bind-mounted: {times(copy / bind)}, {signed_ms(copy - bind)} a "
+            "task. That is the fixed cost of one `put_archive` before the start and one `get_archive` after the "
+            "exit (and the archive's checks) for a workspace holding only `task.json`; inputs and outputs add their "
+            "own transfer on top.")
+    if (d := r.get("overhead", {}).get("docker")) is not None:
+        text += (f" Bind mode here is the overhead's daemon on Docker ({ms(med(d['daemon']))} there) measured at "
+                 "another time of the run: the two differ by the host's load between them, which is why the modes "
+                 "are compared only with each other, round by round.")
+    return text
+
+
+def multi_analysis(r: Figures) -> str | None:
+    m = r.get("multi")
+    if not m:
+        return None
+    n, one, two, same = m["tasks"], m["one"], m["two"], m["one_same_slots"]
+    text = (f"**Two engines.** {n} tasks drained in {secs(one['makespan'])} on one engine at capacity {slots(one)}, "
+            f"in {secs(two['makespan'])} over two engines at {slots(two)} ({times(two['makespan'] / one['makespan'])} "
+            f"the one-engine time), and in {secs(same['makespan'])} on one engine at capacity {slots(same)}. The "
+            f"daemon spread them: {per_engine(two)}.")
+    load = f", at a median load average of {num(med(r['host']['load']))}," if r.get("host") else ""
+    text += (f" Both engines run on this machine's {r['machine']['cpu_cores']} cores{load} so the second engine "
+             "brings slots and a second `dockerd`, not CPU: this compares ways of filling one machine (two "
+             f"engines against one engine with as many slots: {times(same['makespan'] / two['makespan'])} in "
+             "makespan, one / two), not what a second host would add. On separate hosts each engine would have "
+             "its own CPU and disk; here what the figures show is the dispatch working (every engine used, never "
+             "over its capacity) and what it costs.")
+    second, system = m["second_engine"]["storage_driver"], r["engines"]["docker"]["storage_driver"]
+    if second != system:  # a faster driver alone makes its engine's containers start sooner
+        text += (f" The engines also differ in storage driver ({second} on the private engine, {system} on the "
+                 "system one), so part of any difference between the layouts is the driver's.")
+    return text
 
 
 def scaling_analysis(r: Figures) -> str | None:

@@ -18,6 +18,10 @@ Without a bind (copy mode), /workspace is the container's `files` (path -> bytes
 `put_archive` unpacks a tar into it, `start` writes the outputs there, and `get_archive` sends
 it back (the contents of /workspace/.) as a tar in small chunks, or the script's raw `archive`,
 calling "get_archive_chunk" before every chunk after the first: a test can hold or break it half-way.
+
+`bound_file` reads this host's file, as an engine here would; with `host_root` set, the fake engine's
+host is that folder instead (an engine elsewhere, or agent-core in a container without the data dir
+mounted at its path): a folder missing there is Docker's refusal of the bind.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class FakeBackend:
         self.containers: dict[str, Container] = {}  # by id; removed ones are gone
         self.calls: list[tuple[str, object]] = []
         self.image_ok = True  # what image_present answers
+        self.host_root: Path | None = None  # bind sources are looked up under it; None: this host's /
         self._scripts: dict[str, Script] = {}
         self._released: set[str] = set()  # tasks whose held containers may exit
         self._gates: list[Gate] = []  # every gate made, for close()
@@ -228,6 +233,18 @@ class FakeBackend:
     def image_files(self, image: str, paths: tuple[str, ...], max_bytes: int) -> dict[str, bytes | None]:
         self._call("image_files", image)
         return dict.fromkeys(paths)
+
+    def bound_file(self, image: str, folder: Path, name: str, max_bytes: int) -> bytes | None:
+        self._call("bound_file", folder / name)
+        seen = folder if self.host_root is None else self.host_root / folder.relative_to("/")
+        if not seen.is_dir():
+            raise ExecutorError(f"invalid mount config for type \"bind\": bind source path does not exist: {folder}")
+        if not (seen / name).is_file():
+            return None
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(seen / name, arcname=Path(name).name)
+        return buf.getvalue()
 
     def create(self, spec: ContainerSpec, owner: Owner) -> str:
         self._call("create", spec.task_id)

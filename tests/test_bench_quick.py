@@ -12,6 +12,7 @@ import ast
 import copy
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.helpers import skip_or_fail_in_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
@@ -92,14 +95,35 @@ def test_every_figure_moves_the_page():
         engine["daemon"] = [v * 1.37 for v in engine["daemon"]]
         engine["bare"] = [v * 0.71 for v in engine["bare"]]
     moved["drain"]["makespan"] *= 1.37
+    moved["copy"]["copy"] = [v * 1.37 for v in moved["copy"]["copy"]]
+    moved["multi"]["two"]["makespan"] *= 1.37
+    moved["multi"]["two"]["engines"][1]["tasks"] += 1
     # When both are rendered
     before, after = report.render(figures), report.render(moved)
     # Then every line that quotes those figures changed with them
-    for key in ("overhead.docker.daemon", "overhead.docker.ratio", "overhead.podman.bare", "drain.makespan"):
+    for key in ("overhead.docker.daemon", "overhead.docker.ratio", "overhead.podman.bare", "drain.makespan",
+                "copy.copy", "copy.ratio", "multi.two", "multi.ratio"):
         line = next(line for line in before.splitlines() if f"`{key}`" in line)
         assert line not in after, f"{key} did not follow the figures: {line}"
     analysis = lambda text: text.split("## Analysis", 1)[1].split("**Podman beside Docker.**")[0]  # noqa: E731
     assert analysis(before) != analysis(after)
+    for paragraph in ("**Copy mode.**", "**Two engines.**"):
+        quoted = lambda text: next(p for p in text.split("\n\n") if p.startswith(paragraph))  # noqa: E731
+        assert quoted(before) != quoted(after), f"{paragraph} did not follow the figures"
+
+
+def test_a_dispatch_over_capacity_or_an_unused_engine_is_a_miss():
+    # Given the committed figures, once with an engine over its capacity and once with one left unused
+    report = load(REPORT)
+    figures = committed_figures()
+    row = lambda f: next(r for r in report.rows(f) if r.key == "multi.two")  # noqa: E731
+    assert row(figures).ok, row(figures)
+    over, unused = copy.deepcopy(figures), copy.deepcopy(figures)
+    engine = over["multi"]["two"]["engines"][0]
+    engine["peak_running"] = engine["capacity"] + 1
+    unused["multi"]["two"]["engines"][1]["tasks"] = 0
+    # Then each is a miss
+    assert row(over).verdict == "MISS" and row(unused).verdict == "MISS"
 
 
 def test_an_engine_that_was_not_measured_is_said_so_without_figures():
@@ -122,6 +146,8 @@ def test_an_engine_that_was_not_measured_is_said_so_without_figures():
 @pytest.mark.docker
 @pytest.mark.timeout(400)
 def test_quick_benchmark_runs_and_reports_every_metric(docker_engine, tmp_path):
+    if os.geteuid() != 0:  # its multi-engine drain starts a private dockerd (tests/private_engine.py)
+        skip_or_fail_in_ci("the quick benchmark's second engine needs root")
     bench = load(BENCH)
     report = load(REPORT)
     doc_before = bench.DOC.stat().st_mtime_ns if bench.DOC.exists() else None

@@ -48,7 +48,7 @@ def test_healthy_setup_passes(make_agent, docker_engine):
     # the same as JSON
     data = json.loads(doctor(agent.config_path, "--json").stdout)
     assert data["ok"] is True
-    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "executor",
+    assert [c["name"] for c in data["checks"]] == ["config", "data_dir", "engine", "image", "executor", "workspace",
                                                    "task_network", "server", "credentials", "disk"]
 
 
@@ -250,3 +250,18 @@ def test_the_api_key_is_masked_in_every_line_and_config_warnings_are_listed(tmp_
     assert "did you mean `executor.capacity`?" in line(doctormod.render(checks), "warn", "executor.capasity")
     assert f"chmod 600 {cfg.path}" in line(doctormod.render(checks), "warn", "readable by other users")
     assert doctormod.exit_code([c for c in checks if c.name == "config"]) == 0
+
+
+@pytest.mark.parametrize("seen_elsewhere", [False, True])
+def test_the_workspace_line_says_whether_the_engine_sees_the_data_dir(tmp_path, seen_elsewhere):
+    cfg = cfg_for(tmp_path, "http://127.0.0.1:9")
+    backend = FakeBackend()
+    if seen_elsewhere:
+        backend.host_root = tmp_path / "engine-host"
+    check = doctormod._workspace(cfg, backend)
+    data_dir = cfg.paths.data_dir
+    if not seen_elsewhere:
+        assert (check.status, check.message) == (
+            "ok", f"the engine sees the data dir {data_dir} at the same path (bind workspaces)")
+    else:
+        assert check.failed and f"fix: mount the data dir at the same path: -v {data_dir}:{data_dir}" in check.message

@@ -7,13 +7,15 @@ image), then the CLI refusing each cause, then the circuit breaker on a real eng
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import pytest
 
-from agent_core import preflight
+from agent_core import config, preflight
 from agent_core.errors import ContainerVanished, DockerUnavailable, ExecutorError, ImageMissing
 from tests.agent_fixtures import agent_cli, wait_until
+from tests.fakes import FakeBackend
 from tests.test_run import DONE, finish, sh
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\n# a comment\nagent:x:1000:1000::/home/agent:/bin/sh\n"
@@ -58,6 +60,58 @@ def test_an_image_without_account_files_knows_only_numbers():
 
 def test_account_names_skip_comments_and_blanks():
     assert preflight.account_names(PASSWD + "\n") == {"root", "agent"}
+
+
+# --- a bind engine must see the data dir at the same path ----------------------------------------
+
+
+@pytest.fixture
+def bind_cfg(tmp_path):
+    path = tmp_path / "config.toml"
+    config.init(path, base_url="http://127.0.0.1:9")
+    config.update(path, {"paths.data_dir": str(tmp_path / "data")})
+    (tmp_path / "data").mkdir()
+    return config.load(path)
+
+
+def test_an_engine_that_sees_the_data_dir_passes_and_the_probe_is_gone(bind_cfg):
+    backend = FakeBackend()
+    assert preflight.check(bind_cfg, backend, "bind") is None
+    assert backend.count("bound_file") == 1 and list(bind_cfg.paths.data_dir.iterdir()) == []
+    assert preflight.check(bind_cfg, backend, "copy") is None and preflight.check(bind_cfg, backend) is None
+    assert backend.count("bound_file") == 1  # copy mode and the breaker's rechecks do not probe
+
+
+@pytest.mark.parametrize("elsewhere, said", [(False, "cannot bind-mount"), (True, "sees another folder than")])
+def test_an_engine_that_sees_another_folder_at_that_path_is_refused_with_the_mount_to_make(
+        bind_cfg, tmp_path, elsewhere, said):
+    backend = FakeBackend()
+    backend.host_root = tmp_path / "engine-host"  # the engine's host: no data dir, or another folder there
+    if elsewhere:
+        shutil.copytree(bind_cfg.paths.data_dir, backend.host_root / bind_cfg.paths.data_dir.relative_to("/"))
+    problem = preflight.check(bind_cfg, backend, "bind")
+    data_dir = bind_cfg.paths.data_dir
+    assert problem.kind == "workspace" and said in problem.message and str(data_dir) in problem.message
+    assert problem.fix == f'mount the data dir at the same path: -v {data_dir}:{data_dir}, or set workspace = "copy"'
+    assert list(data_dir.iterdir()) == []
+
+
+def test_a_data_dir_not_made_yet_is_probed_in_its_parent(bind_cfg):
+    data_dir = bind_cfg.paths.data_dir
+    data_dir.rmdir()
+    backend = FakeBackend()
+    assert preflight.bind_problem(bind_cfg, backend) is None
+    (probed,) = [arg for name, arg in backend.calls if name == "bound_file"]
+    assert probed.parent.parent == data_dir.parent
+    assert not data_dir.exists() and list(data_dir.parent.glob(".bind-probe-*")) == []
+
+
+def test_an_image_the_engine_lacks_is_not_the_probes_verdict(bind_cfg):
+    backend = FakeBackend()
+    backend.fail("bound_file", ImageMissing("image x is not on this host"))
+    assert preflight.bind_problem(bind_cfg, backend) is None
+    backend.fail("bound_file", DockerUnavailable("Docker engine not reachable at fake://engine: gone"))
+    assert preflight.bind_problem(bind_cfg, backend).kind == "engine"
 
 
 # --- the CLI refuses before it takes a task -------------------------------------------------------

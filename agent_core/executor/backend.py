@@ -104,6 +104,12 @@ class Backend(Protocol):
     def image_files(self, image: str, paths: tuple[str, ...], max_bytes: int) -> dict[str, bytes | None]:
         """A tar archive of each path in `image` (None where it has no such file); over max_bytes is an error."""
 
+    def bound_file(self, image: str, folder: Path, name: str, max_bytes: int) -> bytes | None:
+        """A tar archive of the file `name` (a relative path) in this host's `folder` as the engine sees
+        it: through a created, never started, container of `image` with `folder` bind-mounted read-only
+        (None where the engine's folder has no such file). ExecutorError when the engine refuses the
+        bind (a folder it does not have); over max_bytes is an error."""
+
     def network(self, name: str) -> dict[str, Any] | None:
         """The engine's description of network `name`; None when it has none."""
 

@@ -53,6 +53,7 @@ from agent_core.executor.spec import LABEL_SERVICE, LABEL_TASK, ContainerSpec, O
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 64 * 1024
+_PROBE_MOUNT = "/probe"  # where bound_file mounts the folder, in a container never started
 # Docker's State.Status words; "dead" (a removal that failed) has ended too. Podman's compat API
 # says "created" for its own "configured", but may show its other words: "stopping" is still
 # live, "stopped" (ended, not yet cleaned up) has ended.
@@ -382,12 +383,27 @@ class DockerBackend:
         """A tar archive of each path in `image` (None where the image has no such file), read from
         one created, never started, container that is removed at once. Over max_bytes is an error."""
         client = self._api()
+        with self._created(client, image) as container_id:
+            return {path: self._archive(client, container_id, image, path, max_bytes) for path in paths}
+
+    def bound_file(self, image: str, folder: Path, name: str, max_bytes: int) -> bytes | None:
+        """A tar archive of `name` in the host's `folder` as the engine sees it, through `folder`
+        bind-mounted read-only into a created, never started, container (an engine copies out of the
+        mounts of a created container as well). A folder the engine lacks is its refusal (ExecutorError)."""
+        client = self._api()
+        mount = DockerMount(target=_PROBE_MOUNT, source=str(folder), type="bind", read_only=True)
+        with self._created(client, image, mount) as container_id:
+            return self._archive(client, container_id, image, f"{_PROBE_MOUNT}/{name}", max_bytes)
+
+    @contextlib.contextmanager
+    def _created(self, client: docker.DockerClient, image: str, *mounts: DockerMount) -> Iterator[str]:
+        """A container of `image` that is never started (nothing runs in it), removed afterwards."""
         with self._do(f"create a container of {image}", image=image, missing=ExecutorError):
             container_id = client.api.create_container(image, entrypoint=["/nonexistent"], network_disabled=True,
                                                        host_config=client.api.create_host_config(
-                                                           network_mode="none"))["Id"]
+                                                           network_mode="none", mounts=list(mounts)))["Id"]
         try:
-            return {path: self._archive(client, container_id, image, path, max_bytes) for path in paths}
+            yield container_id
         finally:
             self.remove(container_id)
 
