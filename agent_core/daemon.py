@@ -34,9 +34,6 @@ def check_engines(cfg: Config, pool: EnginePool) -> None:
             continue
         if problem is not None:
             raise ExecutorError(f"cannot run tasks: {named}{problem.line()}")
-        mismatch = preflight.engine_warning(cfg, engine.backend)
-        if mismatch:
-            log.warning("%s%s", named, mismatch)
         engine.backend.check_gpu(cfg.executor.gpu)
     if len(away) == len(pool.engines):
         raise ExecutorError(f"cannot run tasks: no engine answers: {'; '.join(away)}")

@@ -63,10 +63,9 @@ def _data_dir(cfg: configmod.Config) -> Check:
     return Check("data_dir", OK, f"data dir {path} writable{note}")
 
 
-def _engine(cfg: configmod.Config, executor: Backend) -> list[Check]:
+def _engine(cfg: configmod.Config, executor: Backend, engine: str) -> list[Check]:
     """Which engine answers, its version and whether it runs rootless; a warning when it is not
-    the configured one."""
-    engine = cfg.executor.engine
+    `engine`, the one configured for it."""
     try:
         seen = executor.engine_info()
     except AgentError as e:
@@ -253,7 +252,7 @@ def _checks_of_engine(cfg: configmod.Config, engine: configmod.EngineConfig) -> 
         yield Check("engine", FAIL, str(e))
         return
     with contextlib.closing(executor):
-        found = _engine(cfg, executor)
+        found = _engine(cfg, executor, engine.engine)
         yield from found
         if found[0].status != OK:
             yield Check("image", SKIP, f"executor image {cfg.executor.image} not checked: no engine")

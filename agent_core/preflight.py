@@ -4,8 +4,8 @@ intake is paused after launch failures (the circuit breaker in the scheduler).
 A task that cannot start costs the operator a task: with a missing image every task in the
 queue would be accepted and failed within milliseconds. So each cause is found up front, named
 in one line with its fix (in the configured engine's words), and the same classification tells
-a launch failure's kind apart. `engine_warning` says when another engine than the configured one
-answers: a warning, not a refusal, as tasks would still run.
+a launch failure's kind apart. (Another engine than the configured one answering is a warning,
+not a refusal, as tasks would still run: the scheduler says so when it describes the engine.)
 
 A bind engine (`workspace = "bind"`) must see the data dir at the same path, or task workspaces
 come up empty: not so when agent-core runs in a container without the data dir mounted at its
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from agent_core import fsutil
 from agent_core.archive import BIND
 from agent_core.errors import AgentError, DockerUnavailable, ExecutorError, ImageMissing
-from agent_core.executor.engine import PODMAN, engine_mismatch
+from agent_core.executor.engine import PODMAN
 
 if TYPE_CHECKING:
     from agent_core.config import Config
@@ -181,13 +181,3 @@ def check(cfg: Config, executor: Backend, workspace: str | None = None) -> Probl
     except (ExecutorError, tarfile.TarError) as e:
         return _unchecked(e, ex.engine)
     return bind_problem(cfg, executor) if workspace == BIND else None
-
-
-def engine_warning(cfg: Config, executor: Backend) -> str | None:
-    """The warning when the engine that answers is not executor.engine (say Docker at a socket
-    configured for Podman); None when it is, or when no engine answers (`check` says that)."""
-    try:
-        found = executor.engine_info()
-    except AgentError:
-        return None
-    return engine_mismatch(cfg.executor.engine, found)

@@ -30,7 +30,7 @@ from agent_core.config import Config
 from agent_core.engines import Engine, EnginePool
 from agent_core.errors import (AgentError, AuthRejected, DockerUnavailable, EngineLost, ServerError,
                                ServerUnavailable, TaskGone, UnsafePath, WorkspaceError)
-from agent_core.executor import Backend, Owner
+from agent_core.executor import Backend, Owner, engine_mismatch
 from agent_core.janitor import Janitor
 from agent_core.journal import Journal, Stage, TaskRecord
 from agent_core.lifecycle import Lifecycle, Step
@@ -91,7 +91,6 @@ class Scheduler:
         self.cfg = cfg
         self.client = client
         self.pool = executor if isinstance(executor, EnginePool) else EnginePool.of(cfg, [executor])
-        self.executor = self.pool.first.backend
         self.lifecycle = lifecycle
         self.burst = burst  # leave once the queue is empty and nothing runs (tests, benchmarks)
         self.service_id = client.service_id or ""
@@ -123,15 +122,13 @@ class Scheduler:
         self._server_down: tuple[float, str] | None = None  # since when, and why
         metrics = metrics or Metrics()
         metrics.watch(running=lambda: self.load, capacity=self.pool.capacity, engines=self.pool.status)
-        deps = Deps(cfg=cfg, client=client, executor=self.executor, lifecycle=lifecycle, metrics=metrics,
-                    journal=self.journal, owner=self.owner, janitor=self.janitor,
-                    engine_down=functools.partial(self._engine_down, self.pool.first),
-                    engine_wait=functools.partial(self._engine_wait, self.pool.first), changed=self._status_dirty.set,
-                    launch_result=self._launch_result, journal_failed=self._journal_failed)
         # each engine's runners get its backend, its workspace mode and its outage handling
-        self._deps = {e.name: dataclasses.replace(
-            deps, executor=e.backend, workspace_mode=e.workspace, engine_down=functools.partial(self._engine_down, e),
-            engine_wait=functools.partial(self._engine_wait, e)) for e in self.pool.engines}
+        self._deps = {e.name: Deps(
+            cfg=cfg, client=client, executor=e.backend, workspace_mode=e.workspace, lifecycle=lifecycle,
+            metrics=metrics, journal=self.journal, owner=self.owner, janitor=self.janitor,
+            engine_down=functools.partial(self._engine_down, e), engine_wait=functools.partial(self._engine_wait, e),
+            changed=self._status_dirty.set, launch_result=self._launch_result, journal_failed=self._journal_failed)
+            for e in self.pool.engines}
         self._probe = threading.Thread(target=self._probe_loop, name="engine-probe", daemon=True)
 
     # --- public verbs ----------------------------------------------------------
@@ -442,11 +439,16 @@ class Scheduler:
     def _describe_engine(self, engine: Engine) -> None:
         """What status says about an engine: read at start and each time it is back."""
         try:
-            engine.seen = EngineSeen.of(engine.backend.engine_info())
+            info = engine.backend.engine_info()
         except DockerUnavailable:
             self._engine_down(engine)
         except AgentError as e:  # an engine that answers but not as expected: status only lacks the line
             log.warning("cannot describe the %s: %s", self._named(engine), e)
+        else:
+            engine.seen = EngineSeen.of(info)
+            mismatch = engine_mismatch(engine.config.engine, info)  # it may come back as another engine
+            if mismatch:
+                log.warning("%s%s", f"engine {engine.name!r}: " if self.pool.several else "", mismatch)
         self._status_dirty.set()
 
     def _engine_answers(self, engine: Engine) -> bool:

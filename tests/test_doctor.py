@@ -166,13 +166,13 @@ def cfg_for(tmp_path, base_url: str, **changes):
 def test_the_engine_line_names_the_engine_its_version_and_whether_it_is_rootless(tmp_path, rootless, said):
     backend = FakeBackend()
     backend.engine_info = lambda: EngineInfo("podman", "4.3.1", rootless, "unix:///run/podman/podman.sock")
-    (check, warning) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend)
+    (check, warning) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend, "docker")
     assert (check.status, check.message) == (
         "ok", f"podman engine reachable (4.3.1) at unix:///run/podman/podman.sock, {said}")
     # configured for docker, Podman answers: a warning that says so, not a failure
     assert warning.status == "warn" and not warning.essential and "executor.engine is 'docker'" in warning.message
     (check,) = doctormod._engine(cfg_for(tmp_path / "podman", "http://127.0.0.1:9", **{"executor.engine": "podman"}),
-                                 backend)
+                                 backend, "podman")
     assert check.status == "ok"
 
 
@@ -180,7 +180,7 @@ def test_an_unreachable_engine_is_named_with_its_fix(tmp_path):
     backend = FakeBackend()
     backend.fail("engine_info", DockerUnavailable(f"Docker engine not reachable at {backend.where}: refused"))
     backend.fail("ping", DockerUnavailable(f"Docker engine not reachable at {backend.where}: refused"))
-    (check,) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend)
+    (check,) = doctormod._engine(cfg_for(tmp_path, "http://127.0.0.1:9"), backend, "docker")
     assert check.status == "FAIL" and check.failed
     assert check.message.startswith(f"docker engine not reachable at {backend.where} (refused): start the engine")
 

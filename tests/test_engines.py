@@ -21,7 +21,6 @@ import docker
 import docker.errors
 import pytest
 
-from agent_core import preflight
 from agent_core.config import parse
 from agent_core.errors import ExecutorError
 from agent_core.executor import (
@@ -207,11 +206,11 @@ def test_podman_names_itself_and_a_docker_socket_is_a_mismatch(podman_backend, d
     found = podman_backend.engine_info()
     assert (found.engine, found.rootless, found.where) == ("podman", False, podman_url())
     podman_cfg = cfg_of(tmp_path, f'engine = "podman"\nengine_url = "{podman_url()}"')
-    assert preflight.engine_warning(podman_cfg, podman_backend) is None
+    assert engine_mismatch(podman_cfg.executor.engine, found) is None
     # When the config says Podman but Docker answers at the URL given
     at_docker = cfg_of(tmp_path, 'engine = "podman"\nengine_url = "unix:///var/run/docker.sock"')
     with contextlib.closing(open_backend(at_docker, 2)) as backend:
-        warning = preflight.engine_warning(at_docker, backend)
+        warning = engine_mismatch(at_docker.executor.engine, backend.engine_info())
     assert warning is not None and "is Docker" in warning, warning
 
 

@@ -6,6 +6,7 @@ status file, with tasks submitted to the server like any other.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent_core import process
 from agent_core import scheduler as scheduler_mod
 from agent_core.client import Client
 from agent_core.errors import DockerUnavailable, ImageMissing
+from agent_core.executor import EngineInfo
 from agent_core.journal import Journal
 from agent_core.lifecycle import Lifecycle, Step
 from agent_core.scheduler import ExitNow, Scheduler
@@ -232,6 +234,16 @@ def test_the_status_names_the_engine_and_reads_it_again_when_it_is_back(make_age
     assert dev_client.wait_for_status(task_id, ("completed", "failed"), timeout=10)["status"] == "failed"
     agent.scheduler.request_stop()
     assert agent.join() == 0
+
+
+def test_an_engine_that_answers_as_another_than_configured_is_a_warning_not_a_refusal(make_agent_node, caplog):
+    agent = make_agent_node(**{"executor.engine": "podman"})
+    agent.backend.engine_info = lambda: EngineInfo("docker", "20.10", False, agent.backend.where)
+    with caplog.at_level(logging.WARNING, logger="agent_core.scheduler"):
+        agent.start()
+        wait_until(lambda: agent.status().get("engine"), 10, "the engine described")
+    assert any("executor.engine is 'podman'" in r.getMessage() for r in caplog.records), caplog.text
+    assert agent.status()["engine_ok"] is True  # tasks still run: both engines can
 
 
 # --- the circuit breaker ------------------------------------------------------------------
