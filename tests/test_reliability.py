@@ -65,7 +65,14 @@ def journal_record(agent, task_id: str) -> dict | None:
 # fails when one is removed in between (as ours are, at the end of every task).
 
 def container_status(client, task_id: str) -> str | None:
-    found = client.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+    """The task's container state; None while it has none, or while Podman cannot list a container
+    that is exiting right now (its 500 "read /proc/N/cgroup: no such process"): a poll asks again."""
+    try:
+        found = client.api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
+    except docker.errors.APIError as e:
+        if e.status_code == 500 and "no such process" in str(e):
+            return None
+        raise
     return found[0]["State"] if found else None
 
 
